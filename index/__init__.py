@@ -1,0 +1,1 @@
+"""Sieve's indexes: documents in, segments on disk, candidates out."""

@@ -1,0 +1,87 @@
+"""Single-vector dense retrieval with faiss: exact for small segments, HNSW above a size."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .documents import Document
+from .encoders import load_encoder
+from .retriever import Hit, Retriever, top_hits
+
+log = logging.getLogger(__name__)
+
+
+def gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@dataclass
+class DensePart:
+    vectors: np.ndarray  # memory-mapped, the source of truth for compaction
+    index: faiss.Index
+
+
+class DenseRetriever(Retriever):
+    name = "dense"
+
+    @property
+    def encoder(self):
+        return load_encoder(self.settings.encoder, self.settings.max_tokens)
+
+    def encode_documents(self, docs: list[Document]) -> np.ndarray:
+        return self.encoder.embed([doc.content for doc in docs])
+
+    def write(self, directory: Path, encoded: np.ndarray) -> None:
+        np.save(directory / "dense.npy", encoded)
+        if len(encoded) > self.settings.exact_search_max:
+            index = faiss.IndexHNSWFlat(encoded.shape[1], self.settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.add(encoded)
+            faiss.write_index(index, str(directory / "dense.hnsw"))
+
+    def open(self, directory: Path) -> DensePart:
+        vectors = np.load(directory / "dense.npy", mmap_mode="r")
+        hnsw = directory / "dense.hnsw"
+        if hnsw.exists():
+            index = faiss.read_index(str(hnsw), faiss.IO_FLAG_MMAP)
+            index.hnsw.efSearch = self.settings.hnsw_ef_search
+        else:
+            index = faiss.IndexFlatIP(vectors.shape[1])
+            index.add(np.ascontiguousarray(vectors))
+            if gpu_count():
+                index = faiss.index_cpu_to_all_gpus(index)
+        return DensePart(vectors, index)
+
+    def take(self, part: DensePart, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(part.vectors[rows], dtype="float32")
+
+    def concat(self, encoded: list[np.ndarray]) -> np.ndarray:
+        return np.vstack(encoded).astype("float32", copy=False)
+
+    def encode_queries(self, texts: list[str]) -> list[np.ndarray]:
+        return list(self.encoder.embed(texts))
+
+    def search(self, parts, deleted, query: np.ndarray, k: int) -> list[Hit]:
+        hits: list[Hit] = []
+        query = query.reshape(1, -1).astype("float32")
+        for segment, (part, gone) in enumerate(zip(parts, deleted)):
+            index = part.index
+            # Over-fetch by the segment's tombstones and filter: works on every index type, GPU too.
+            fetch = min(k + len(gone), index.ntotal)
+            if fetch == 0:
+                continue
+            scores, rows = index.search(query, fetch)
+            dead = set(gone.tolist())
+            hits.extend(Hit(segment, int(r), float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0 and r not in dead)
+        return top_hits(hits, k)
+
+    def stats(self, parts, live_rows: int) -> dict:
+        return {
+            "vectors": live_rows,
+            "dimension": parts[0].vectors.shape[1] if parts else None,
+            "hnsw_segments": sum(isinstance(p.index, faiss.IndexHNSW) for p in parts),
+            "gpu": gpu_count() > 0,
+        }

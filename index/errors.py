@@ -1,0 +1,26 @@
+"""Errors the index raises; the service maps each to one gRPC status."""
+
+
+class SieveError(Exception):
+    """Base class: the message is meant for the person who sent the request."""
+
+
+class InvalidArgument(SieveError, ValueError):
+    pass
+
+
+class NotFound(SieveError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyExists(SieveError):
+    pass
+
+
+class ResourceExhausted(SieveError):
+    pass
+
+
+class CorruptIndex(SieveError):
+    """A file of a collection cannot be read; the message names the file."""

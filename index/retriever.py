@@ -1,0 +1,73 @@
+"""The one interface every index implements (dense, BM25, learned impact, multi-vector).
+
+A collection is a list of immutable segments. Each retriever encodes a batch of documents once,
+writes its part of a new segment, opens parts for search, and can copy a subset of a part's rows
+into a new one (compaction), so nothing is re-encoded after ingestion.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .documents import Document
+from .settings import CollectionSettings
+
+
+@dataclass(frozen=True)
+class Hit:
+    segment: int  # position of the segment in the snapshot searched
+    row: int  # row inside that segment
+    score: float
+
+
+class Retriever(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, settings: CollectionSettings):
+        self.settings = settings
+
+    # Ingestion -----------------------------------------------------------------------------
+    @abstractmethod
+    def encode_documents(self, docs: list[Document]) -> Any:
+        """The costly step; runs before the collection's write lock is taken."""
+
+    @abstractmethod
+    def write(self, directory: Path, encoded: Any) -> None:
+        """Write this retriever's files of a new segment into `directory`."""
+
+    @abstractmethod
+    def open(self, directory: Path) -> Any:
+        """Open this retriever's part of a segment for search (memory-mapped where possible)."""
+
+    @abstractmethod
+    def take(self, part: Any, rows: np.ndarray) -> Any:
+        """The encoded form of `rows` of an opened part, for compaction."""
+
+    @abstractmethod
+    def concat(self, encoded: list[Any]) -> Any:
+        """Join encoded batches, in order."""
+
+    # Search --------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_queries(self, texts: list[str]) -> list[Any]:
+        """One query representation per text; the service batches concurrent queries here."""
+
+    @abstractmethod
+    def search(self, parts: list[Any], deleted: list[np.ndarray], query: Any, k: int) -> list[Hit]:
+        """Best k live rows over all parts; deleted[i] holds the deleted rows of parts[i]."""
+
+    def stats(self, parts: list[Any], live_rows: int) -> dict:
+        """Figures for DescribeCollection (vectors, bytes, ...)."""
+        return {}
+
+
+def top_hits(candidates: list[Hit], k: int) -> list[Hit]:
+    return sorted(candidates, key=lambda hit: -hit.score)[:k]
+
+
+def dir_bytes(directory: Path, prefix: str) -> int:
+    return sum(f.stat().st_size for f in directory.glob(f"{prefix}*") if f.is_file())
