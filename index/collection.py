@@ -225,22 +225,22 @@ class Collection:
                     id_map[doc_id] = (position, row)
         return Snapshot(manifest["generation"], tuple(segments), deleted, id_map)
 
-    def _remove_orphans(self, manifest: dict) -> None:
+    def _remove_orphans(self, manifest: dict, kept: int = MANIFESTS_KEPT) -> None:
         """Segments no kept manifest names (a crash mid-write, or compacted away) are deleted."""
         manifests = self._manifests()
         referenced = set(manifest["segments"])
-        for path in manifests[:MANIFESTS_KEPT]:
+        for path in manifests[:kept]:
             try:
                 referenced |= set(json.loads(path.read_text())["segments"])
             except (OSError, ValueError, KeyError):
                 pass
-        for path in manifests[MANIFESTS_KEPT:]:
+        for path in manifests[kept:]:
             path.unlink(missing_ok=True)
         for directory in (self.directory / "segments").iterdir():
             if directory.name not in referenced:
                 shutil.rmtree(directory, ignore_errors=True)
 
-    def _commit(self, segments: list[Segment], deleted: dict[str, list[int]]) -> Snapshot:
+    def _commit(self, segments: list[Segment], deleted: dict[str, list[int]], kept: int = MANIFESTS_KEPT) -> Snapshot:
         generation = self.snapshot.generation + 1
         manifest = {
             "generation": generation,
@@ -250,7 +250,7 @@ class Collection:
         }
         _write_atomically(self.directory / f"manifest-{generation:010d}.json", json.dumps(manifest).encode())
         self.snapshot = self._snapshot(manifest, segments)
-        self._remove_orphans(manifest)
+        self._remove_orphans(manifest, kept)
         return self.snapshot
 
     def _deleted_lists(self) -> dict[str, list[int]]:
@@ -339,7 +339,8 @@ class Collection:
                 quality = np.concatenate([scores(s, rows) for s, rows in zip(snapshot.segments, kept_rows)]
                                          + [scores(s, rows) for s, rows in zip(snapshot.segments, pruned_rows)])
             segments = [self._new_segment(PreparedBatch(documents, indexed, encoded, quality))] if documents else []
-            self._commit(segments, {})
+            # The new segment was just opened, so it reads; the old ones go now to reclaim the space.
+            self._commit(segments, {}, kept=1)
             log.info("collection %s compacted into %d segment(s)", self.name, len(segments))
 
     def _maybe_compact(self) -> None:

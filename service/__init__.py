@@ -1,0 +1,1 @@
+"""Sieve's service: gRPC front, batching, operation."""

@@ -1,0 +1,99 @@
+"""A small Python client for Sieve's gRPC API (the CLI, tests and benchmarks use it)."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import grpc
+from google.protobuf.struct_pb2 import Struct
+
+from sieve.index.documents import Document
+from sieve.v1 import sieve_pb2 as pb
+from sieve.v1 import sieve_pb2_grpc as rpc
+
+
+def document_message(doc: Document) -> pb.Document:
+    metadata = Struct()
+    metadata.update(doc.metadata)
+    return pb.Document(id=doc.id, title=doc.title, text=doc.text, metadata=metadata)
+
+
+class SieveClient:
+    def __init__(self, target: str = "127.0.0.1:50051", api_key: str = "", root_certificates: bytes | None = None,
+                 certificate_chain: bytes | None = None, private_key: bytes | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if root_certificates:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            self.channel = grpc.secure_channel(target, credentials, options)
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.search_stub = rpc.SearchServiceStub(self.channel)
+        self.ingest_stub = rpc.IngestServiceStub(self.channel)
+        self.collections_stub = rpc.CollectionServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "SieveClient":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def search(self, collection: str, query: str, k: int | None = None, timeout: float | None = 30,
+               **fields) -> pb.SearchResponse:
+        request = pb.SearchRequest(collection=collection, query=query, **fields)
+        if k is not None:
+            request.k = k
+        return self.search_stub.Search(request, timeout=timeout, metadata=self.metadata)
+
+    def rerank(self, query: str, passages: list[tuple[str, str]], k: int = 0, timeout: float | None = 60,
+               **fields) -> pb.RerankResponse:
+        request = pb.RerankRequest(query=query, k=k, passages=[pb.Passage(id=i, text=t) for i, t in passages],
+                                   **fields)
+        return self.search_stub.Rerank(request, timeout=timeout, metadata=self.metadata)
+
+    def upsert(self, collection: str, batches: Iterable[list[Document]],
+               timeout: float | None = None) -> list[pb.UpsertResponse]:
+        """Send batches and wait for all; one acknowledgement per committed batch, in order."""
+        return list(self.upsert_stream(collection, batches, timeout))
+
+    def upsert_stream(self, collection: str, batches: Iterable[list[Document]],
+                      timeout: float | None = None) -> Iterator[pb.UpsertResponse]:
+        """Stream batches lazily; yields each acknowledgement as its batch commits."""
+        requests = (pb.UpsertRequest(collection=collection, documents=[document_message(d) for d in batch])
+                    for batch in batches)
+        return self.ingest_stub.Upsert(requests, timeout=timeout, metadata=self.metadata)
+
+    def delete(self, collection: str, ids: list[str]) -> pb.DeleteResponse:
+        return self.ingest_stub.Delete(pb.DeleteRequest(collection=collection, ids=ids), metadata=self.metadata)
+
+    def list_pruned(self, collection: str, limit: int = 0) -> pb.ListPrunedResponse:
+        return self.ingest_stub.ListPruned(pb.ListPrunedRequest(collection=collection, limit=limit),
+                                           metadata=self.metadata)
+
+    def reinstate(self, collection: str, ids: list[str]) -> pb.UpsertResponse:
+        return self.ingest_stub.Reinstate(pb.ReinstateRequest(collection=collection, ids=ids), metadata=self.metadata)
+
+    def create_collection(self, name: str, settings: dict | None = None) -> pb.CollectionInfo:
+        struct = Struct()
+        struct.update(settings or {})
+        return self.collections_stub.CreateCollection(pb.CreateCollectionRequest(name=name, settings=struct),
+                                                      metadata=self.metadata)
+
+    def list_collections(self) -> pb.ListCollectionsResponse:
+        return self.collections_stub.ListCollections(pb.ListCollectionsRequest(), metadata=self.metadata)
+
+    def describe(self, name: str) -> pb.CollectionInfo:
+        return self.collections_stub.DescribeCollection(pb.DescribeCollectionRequest(name=name), metadata=self.metadata)
+
+    def drop(self, name: str) -> None:
+        self.collections_stub.DropCollection(pb.DropCollectionRequest(name=name), metadata=self.metadata)
+
+    def compact(self, name: str) -> pb.CollectionInfo:
+        return self.collections_stub.Compact(pb.CompactRequest(name=name), metadata=self.metadata)

@@ -1,0 +1,392 @@
+"""The gRPC front: validate, batch, call the index and rankers off the event loop, answer.
+
+Handlers never run a model or touch a file on the event loop: encoding goes through the
+micro-batcher, index work through worker threads. Every error becomes one precise status.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+import time
+import uuid
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.protobuf.struct_pb2 import Struct
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from sieve.index.catalog import Catalog
+from sieve.index.documents import Document, validate_batch
+from sieve.index.errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ResourceExhausted, SieveError
+from sieve.index.settings import CollectionSettings
+from sieve.v1 import sieve_pb2 as pb
+
+from . import metrics
+from .batcher import MicroBatcher
+from .config import ServerConfig
+
+log = logging.getLogger("sieve.service")
+
+SERVICES = ("SearchService", "IngestService", "CollectionService")
+STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    CorruptIndex: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+class Unavailable(SieveError):
+    pass
+
+
+STATUS[Unavailable] = grpc.StatusCode.UNAVAILABLE
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message (e.g. invalid UTF-8 in a string)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(parse):
+    def parse_or_mark(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return _Undecodable(error)
+    return parse_or_mark
+
+
+def _check_decoded(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid message: {request.error} "
+                              "(string fields must be valid UTF-8)")
+
+
+def rpc(method):
+    """Map errors to statuses, honour deadlines, count and time every call."""
+    name = method.__name__
+
+    def status_of(error: Exception) -> grpc.StatusCode:
+        return next((code for cls, code in STATUS.items() if isinstance(error, cls)), grpc.StatusCode.INTERNAL)
+
+    async def fail(context, error: Exception):
+        if isinstance(error, asyncio.TimeoutError):
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished"
+        elif isinstance(error, SieveError):
+            code, message = status_of(error), str(error)
+        else:
+            request_id = uuid.uuid4().hex[:12]
+            log.exception("internal error in %s (error id %s)", name, request_id)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error (error id {request_id})"
+        metrics.REQUESTS.labels(name, code.name).inc()
+        await context.abort(code, message)
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            start = time.perf_counter()
+            metrics.INFLIGHT.inc()
+            try:
+                async for response in method(self, request, context):
+                    yield response
+                metrics.REQUESTS.labels(name, "OK").inc()
+            except Exception as error:
+                await fail(context, error)
+            finally:
+                metrics.INFLIGHT.dec()
+                metrics.REQUEST_SECONDS.labels(name).observe(time.perf_counter() - start)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        start = time.perf_counter()
+        metrics.INFLIGHT.inc()
+        try:
+            _check_decoded(request)
+            remaining = context.time_remaining()
+            response = await asyncio.wait_for(method(self, request, context), remaining)
+            metrics.REQUESTS.labels(name, "OK").inc()
+            return response
+        except Exception as error:
+            await fail(context, error)
+        finally:
+            metrics.INFLIGHT.dec()
+            metrics.REQUEST_SECONDS.labels(name).observe(time.perf_counter() - start)
+    return unary
+
+
+def to_struct(values: dict) -> Struct:
+    struct = Struct()
+    struct.update(values)
+    return struct
+
+
+def from_struct(struct: Struct) -> dict:
+    return json_format.MessageToDict(struct)
+
+
+class Sieve:
+    """Everything the handlers share: the catalog, the batcher, the limits."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.catalog: Catalog | None = None
+        self.batcher = MicroBatcher(config.max_encode_batch, config.batch_wait_ms)
+        self.pending_batches = 0
+        self.searches = asyncio.Semaphore(config.max_concurrent_searches)
+
+    def load(self) -> None:
+        catalog = Catalog(self.config.data)
+        for name in catalog.names():
+            metrics.record_collection(name, catalog.get(name).stats())
+        self.catalog = catalog
+
+    def collection(self, name: str):
+        if self.catalog is None:
+            raise Unavailable("the server is still loading its collections; retry shortly")
+        return self.catalog.get(name)
+
+    def info(self, collection) -> pb.CollectionInfo:
+        stats = collection.stats()
+        metrics.record_collection(collection.name, stats)
+        details = stats.pop("details")
+        return pb.CollectionInfo(
+            name=collection.name,
+            settings=to_struct(collection.settings.to_dict()),
+            stats=pb.CollectionStats(**stats, details=to_struct(details)),
+        )
+
+    def documents(self, request) -> list[Document]:
+        docs = []
+        for position, message in enumerate(request.documents):
+            if len(message.text) + len(message.title) > self.config.max_document_chars:
+                raise InvalidArgument(f"document {position} ({message.id!r}) is longer than "
+                                      f"{self.config.max_document_chars} characters")
+            docs.append(Document(message.id, message.text, message.title, from_struct(message.metadata)))
+        validate_batch(docs, self.config.max_batch_documents)
+        return docs
+
+    def search_arguments(self, request) -> int:
+        query = request.query
+        if not query.strip():
+            raise InvalidArgument("the query is empty")
+        if len(query) > self.config.max_query_chars:
+            raise InvalidArgument(f"the query is {len(query)} characters long; the limit is {self.config.max_query_chars}")
+        k = request.k if request.HasField("k") else self.config.default_k
+        if not 1 <= k <= self.config.max_k:
+            raise InvalidArgument(f"k must be within 1..{self.config.max_k}, not {k}")
+        return k
+
+    async def encode(self, collection, names, query: str) -> dict:
+        """Each retriever's representation of the query, batched with concurrent requests."""
+        def encoder(name):
+            return functools.partial(collection.encode_queries, name)
+        reps = await asyncio.gather(*(
+            self.batcher.submit((collection.name, name), encoder(name), query) for name in names))
+        return dict(zip(names, reps))
+
+
+class SearchServicer:
+    def __init__(self, sieve: Sieve):
+        self.sieve = sieve
+
+    @rpc
+    async def Search(self, request, context):
+        sieve = self.sieve
+        collection = sieve.collection(request.collection)
+        k = sieve.search_arguments(request)
+        names = collection.check_retrievers(list(request.retrievers))
+        if request.fusion and request.fusion not in ("rrf", "weighted"):
+            raise InvalidArgument(f"unknown fusion {request.fusion!r}; choose rrf or weighted")
+        async with sieve.searches:
+            start = time.perf_counter()
+            queries = await sieve.encode(collection, names, request.query)
+            encode_ms = (time.perf_counter() - start) * 1000
+            result = await asyncio.to_thread(collection.search, queries, k, request.fusion)
+        timings = {"encode": encode_ms, **result.timings_ms}
+        for stage, ms in timings.items():
+            metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
+        response = pb.SearchResponse(generation=result.generation, timings_ms=timings)
+        for hit in result.hits:
+            scored = response.results.add(id=hit.id, score=hit.score)
+            if not request.omit_text:
+                scored.title, scored.text = hit.document.title, hit.document.text
+                scored.metadata.update(hit.document.metadata)
+        return response
+
+    @rpc
+    async def Rerank(self, request, context):
+        raise Unavailable("no reranker is loaded on this server")
+
+
+class IngestServicer:
+    def __init__(self, sieve: Sieve):
+        self.sieve = sieve
+
+    @rpc
+    async def Upsert(self, request_iterator, context):
+        sieve = self.sieve
+        async for request in request_iterator:
+            _check_decoded(request)
+            collection = sieve.collection(request.collection)
+            docs = sieve.documents(request)
+            if sieve.pending_batches >= sieve.config.max_pending_batches:
+                metrics.INGEST_REJECTED.labels("backpressure").inc()
+                raise ResourceExhausted(
+                    f"{sieve.pending_batches} batches are being ingested; retry this one later")
+            sieve.pending_batches += 1
+            try:
+                prepared = await asyncio.to_thread(collection.prepare, docs)
+                result = await asyncio.to_thread(collection.commit, prepared)
+            finally:
+                sieve.pending_batches -= 1
+            metrics.INGESTED.labels(collection.name).inc(len(docs))
+            sieve.info(collection)
+            yield pb.UpsertResponse(upserted=result.upserted, pruned=result.pruned, generation=result.generation)
+
+    @rpc
+    async def Delete(self, request, context):
+        collection = self.sieve.collection(request.collection)
+        deleted, missing, generation = await asyncio.to_thread(collection.delete, list(request.ids))
+        self.sieve.info(collection)
+        return pb.DeleteResponse(deleted=deleted, not_found=missing, generation=generation)
+
+    @rpc
+    async def ListPruned(self, request, context):
+        if request.limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        collection = self.sieve.collection(request.collection)
+        records = await asyncio.to_thread(collection.pruned, request.limit)
+        return pb.ListPrunedResponse(passages=[pb.PrunedPassage(id=i, quality=q) for i, q in records])
+
+    @rpc
+    async def Reinstate(self, request, context):
+        collection = self.sieve.collection(request.collection)
+        if not request.ids:
+            raise InvalidArgument("no ids to reinstate")
+        result = await asyncio.to_thread(collection.reinstate, list(request.ids))
+        return pb.UpsertResponse(upserted=result.upserted, generation=result.generation)
+
+
+class CollectionServicer:
+    def __init__(self, sieve: Sieve):
+        self.sieve = sieve
+
+    def _catalog(self) -> Catalog:
+        if self.sieve.catalog is None:
+            raise Unavailable("the server is still loading its collections; retry shortly")
+        return self.sieve.catalog
+
+    @rpc
+    async def CreateCollection(self, request, context):
+        settings = CollectionSettings.from_dict(from_struct(request.settings))
+        collection = await asyncio.to_thread(self._catalog().create, request.name, settings)
+        return self.sieve.info(collection)
+
+    @rpc
+    async def ListCollections(self, request, context):
+        catalog = self._catalog()
+        infos = [self.sieve.info(catalog.get(name)) for name in catalog.names()]
+        return pb.ListCollectionsResponse(collections=infos)
+
+    @rpc
+    async def DescribeCollection(self, request, context):
+        return await asyncio.to_thread(self.sieve.info, self.sieve.collection(request.name))
+
+    @rpc
+    async def DropCollection(self, request, context):
+        await asyncio.to_thread(self._catalog().drop, request.name)
+        metrics.forget_collection(request.name)
+        return pb.DropCollectionResponse()
+
+    @rpc
+    async def Compact(self, request, context):
+        collection = self.sieve.collection(request.name)
+        await asyncio.to_thread(collection.compact)
+        return self.sieve.info(collection)
+
+
+def _handlers(service: str, servicer) -> grpc.GenericRpcHandler:
+    """Method handlers built from the proto descriptor, with a decoder that reports bad bytes."""
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for method in descriptor.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(request_cls.FromString),
+            response_serializer=lambda message: message.SerializeToString(),
+        )
+    return grpc.method_handlers_generic_handler(f"sieve.v1.{service}", handlers)
+
+
+class Server:
+    """A running Sieve: gRPC services, health, reflection; NOT_SERVING while loading and draining."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.sieve = Sieve(config)
+        self.health = health_aio.HealthServicer()
+        limits = [("grpc.max_receive_message_length", config.max_message_bytes),
+                  ("grpc.max_send_message_length", config.max_message_bytes)]
+        self.grpc = grpc.aio.server(options=limits)
+        servicers = {"SearchService": SearchServicer, "IngestService": IngestServicer,
+                     "CollectionService": CollectionServicer}
+        self.grpc.add_generic_rpc_handlers([_handlers(name, cls(self.sieve)) for name, cls in servicers.items()])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        names = [f"sieve.v1.{s}" for s in SERVICES]
+        reflection.enable_server_reflection(names + [reflection.SERVICE_NAME, "grpc.health.v1.Health"], self.grpc)
+        address = f"{config.host}:{config.port}"
+        self.port = self.grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+
+    async def _set_health(self, status) -> None:
+        for name in ("", *(f"sieve.v1.{s}" for s in SERVICES)):
+            await self.health.set(name, status)
+        metrics.READY.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.start()
+        log.info("listening on %s:%d; loading collections from %s", self.config.host, self.port, self.config.data)
+        await asyncio.to_thread(self.sieve.load)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %d collection(s)", len(self.sieve.catalog.names()))
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.stop(self.config.drain_seconds if grace is None else grace)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight requests."""
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, addr=config.host)
+    server = Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("draining for up to %.0f s", config.drain_seconds)
+    await server.stop()
