@@ -49,7 +49,9 @@ def load(name: str):
         docs = [Document.from_json(json.loads(line)) for line in lines]
     with open(DATA / name / "queries.jsonl") as lines:
         queries = {str(q["_id"]): q["text"] for q in map(json.loads, lines)}
-    qrels = list(ir_measures.read_trec_qrels(str(DATA / name / "qrels" / "test.tsv")))
+    with open(DATA / name / "qrels" / "test.tsv") as lines:
+        rows = [line.split("\t") for line in list(lines)[1:] if line.strip()]
+    qrels = [ir_measures.Qrel(q, d, int(float(s))) for q, d, s in rows]
     judged = {q.query_id for q in qrels}
     return docs, {q: t for q, t in queries.items() if q in judged}, qrels
 

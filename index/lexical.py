@@ -154,7 +154,7 @@ class BM25Retriever(LexicalRetriever):
             coo, weights, positions = sel
             tf = coo.data
             norm = k1 * (1 - b + b * part.rows.lengths[coo.row] / avg_length)
-            contribution = idf[positions[coo.col]] * weights[coo.col] * tf * (k1 + 1) / (tf + norm)
+            contribution = idf[positions[coo.col]] * weights[coo.col] * tf / (tf + norm)  # Lucene drops (k1 + 1)
             scores = np.bincount(coo.row, weights=contribution, minlength=part.rows.matrix.shape[0])
             scores[~live] = 0
             scored.append((segment, scores))
