@@ -34,10 +34,11 @@ from sieve.index.impact import ImpactRetriever
 from sieve.index.lexical import BM25Retriever, SparseRows
 from sieve.index.quality import score_passages, supervised
 from sieve.index.settings import CollectionSettings
-from sieve.index.term_weights import TERM_WEIGHTS_ARTIFACT
+from sieve.index.term_weights import TERM_WEIGHTS_ARTIFACT, read_beir
 
 DATA = Path("/work/shared/datasets")
 CACHE = Path("/work/cache/importance")
+SHARED_DENSE = Path("/work/cache/reranker")
 RESULTS = Path(__file__).parent / "results"
 ESTIMATORS = ("unique_terms", "lm_divergence", "embedding_norm", "supervised")
 PRUNE_RATIOS = (0.0, 0.10, 0.25, 0.40)
@@ -69,8 +70,28 @@ def cached(path: Path, compute):
     return value, seconds
 
 
-def artifact_tag() -> str:
-    return hashlib.sha1((TERM_WEIGHTS_ARTIFACT / "model.safetensors").read_bytes()).hexdigest()[:10]
+def dense_embeddings(name: str, texts: list[str]) -> tuple[np.ndarray, float]:
+    """MiniLM passage embeddings, and the seconds encoding all of them takes.
+
+    The reranker helper caches the same embeddings (same model, same passage text and order) under
+    /work/cache/reranker/; those are reused, and the encoding time is measured on a sample."""
+    encoder = load_encoder("")
+    shared = SHARED_DENSE / f"{name}_dense.npy"
+    if shared.exists() and not (CACHE / f"{name}.dense.npy").exists():
+        vectors = np.load(shared)
+        if len(vectors) == len(texts):
+            sample = texts[:: max(1, len(texts) // 128)][:128]
+            start = time.perf_counter()
+            check = encoder.embed(sample)
+            seconds = (time.perf_counter() - start) * len(texts) / len(sample)
+            assert np.allclose(check, vectors[:: max(1, len(texts) // 128)][:128], atol=1e-3), "not the same passages"
+            return vectors, seconds
+    return cached(CACHE / f"{name}.dense", lambda: encoder.embed(texts, progress=True))
+
+
+def artifact_tag(directory: str = "") -> str:
+    path = Path(directory or TERM_WEIGHTS_ARTIFACT) / "model.safetensors"
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:10]
 
 
 class Dataset:
@@ -82,14 +103,14 @@ class Dataset:
         self.ids = [d.id for d in self.docs]
         self.texts = [d.content for d in self.docs]
         encoder = load_encoder("")
-        self.dense, self.dense_seconds = cached(CACHE / f"{name}.dense", lambda: encoder.embed(self.texts, progress=True))
+        self.dense, self.dense_seconds = dense_embeddings(name, self.texts)
         self.query_vectors, _ = cached(CACHE / f"{name}.queries", lambda: encoder.embed(list(self.queries.values())))
         self.bm25 = BM25Retriever(settings)
         start = time.perf_counter()
         self.bm25_rows = self.bm25.encode_documents(self.docs)
         self.bm25_seconds = time.perf_counter() - start
         self.impact = ImpactRetriever(settings)
-        self.impact_rows, self.impact_seconds = self._cached_rows(f"{name}.impact-{artifact_tag()}")
+        self.impact_rows, self.impact_seconds = self._cached_rows(f"{name}.impact-{artifact_tag(settings.term_weights)}")
         self.bm25_queries = self.bm25.encode_queries(list(self.queries.values()))
 
     def _cached_rows(self, key: str):
@@ -174,6 +195,27 @@ def quality_scores(data: Dataset, estimator: str) -> tuple[np.ndarray, float]:
     return cached(CACHE / f"{data.name}.quality-{estimator}", lambda: score_passages(data.texts, estimator))
 
 
+def held_out_check(data: Dataset) -> dict:
+    """BM25 against impacts on the SciFact train queries that term-weight training held out."""
+    held_out = json.loads((Path(data.impact.settings.term_weights or TERM_WEIGHTS_ARTIFACT)
+                           / "held_out_queries.json").read_text())
+    _, queries, qrels = read_beir(DATA / data.name, "train")
+    check = Dataset.__new__(Dataset)
+    check.__dict__.update(data.__dict__)
+    check.queries = {q: queries[q] for q in held_out}
+    check.qrels = [ir_measures.Qrel(q, d, 1) for q in held_out for d in qrels[q]]
+    check.bm25_queries = data.bm25.encode_queries(list(check.queries.values()))
+    everything = np.arange(len(data.docs))
+    out = {"queries": len(held_out)}
+    for name, retriever, rows in (("bm25", data.bm25, data.bm25_rows), ("impact", data.impact, data.impact_rows)):
+        out[name] = check.per_query(check.lexical_run(retriever, rows, everything))["nDCG@10"]
+    out["p_impact_vs_bm25"] = float(ttest_rel(list(out["impact"].values()), list(out["bm25"].values())).pvalue)
+    out["bm25"], out["impact"] = mean(out["bm25"].values()), mean(out["impact"].values())
+    print(f"held-out train queries ({len(held_out)}): BM25 {out['bm25']:.4f} impact {out['impact']:.4f} "
+          f"p={out['p_impact_vs_bm25']:.3g}", flush=True)
+    return out
+
+
 def mean(values) -> float:
     return float(np.mean(list(values)))
 
@@ -225,7 +267,8 @@ def evaluate(name: str, settings: CollectionSettings) -> dict:
     for system, entry in systems.items():
         print(f"{name:9s} {system:24s} nDCG@10 {entry[ndcg]:.4f} R@100 {entry['R@100']:.4f} "
               + " ".join(f"{k}={v:.3g}" for k, v in entry.items() if k.startswith("p_")), flush=True)
-    return {"documents": n, "queries": len(data.queries), "systems": systems, "pruning": pruning,
+    extra = {"held_out_train_queries": held_out_check(data)} if name == "scifact" else {}
+    return {**extra, "documents": n, "queries": len(data.queries), "systems": systems, "pruning": pruning,
             "encode_seconds_per_passage": seconds_per_doc}
 
 
@@ -281,14 +324,15 @@ def main() -> None:
     parser.add_argument("--datasets", default="scifact,cranfield,cisi,medline")
     parser.add_argument("--dense-only", action="store_true", help="only fill the dense-embedding cache")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--term-weights", default="", help="a term-weight artifact folder (default: the shipped one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = CollectionSettings(indexes=("bm25", "impact"))
+    settings = CollectionSettings(indexes=("bm25", "impact"), term_weights=args.term_weights)
     if args.dense_only:
         for name in args.datasets.split(","):
             docs, queries, _ = load(name)
             encoder = load_encoder("")
-            cached(CACHE / f"{name}.dense", lambda: encoder.embed([d.content for d in docs], progress=True))
+            dense_embeddings(name, [d.content for d in docs])
             cached(CACHE / f"{name}.queries", lambda: encoder.embed(list(queries.values())))
         return
     started = time.time()
@@ -296,7 +340,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"datasets": results, "settings": {"bm25_k1": settings.bm25_k1, "bm25_b": settings.bm25_b,
                                                  "rrf_k": 60, "depth": DEPTH},
-               "term_weights_artifact": artifact_tag(), "seconds": round(time.time() - started, 1)}
+               "term_weights_artifact": artifact_tag(args.term_weights), "seconds": round(time.time() - started, 1)}
     (RESULTS / "importance.json").write_text(json.dumps(payload, indent=2))
     write_markdown(results, RESULTS / "importance.md")
     plot(results, RESULTS / "importance.png")

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from .collection import Collection
-from .errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound
+from .errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly
 from .settings import CollectionSettings
 
 log = logging.getLogger(__name__)
@@ -17,21 +17,36 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class Catalog:
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, read_only: bool = False):
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if not read_only:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self.collections: dict[str, Collection] = {}
         self.broken: dict[str, str] = {}  # name -> why it could not be opened
-        for directory in sorted(self.data_dir.iterdir()):
-            if directory.is_dir() and NAME.match(directory.name):
-                try:
-                    self.collections[directory.name] = Collection.open(directory)
-                except CorruptIndex as error:
-                    log.error("collection %s cannot be opened: %s", directory.name, error)
-                    self.broken[directory.name] = str(error)
-            elif directory.name.startswith(".trash-"):
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Open collections that appeared, forget dropped ones, and (read-only) follow new generations."""
+        present = set()
+        for directory in sorted(self.data_dir.iterdir()) if self.data_dir.is_dir() else []:
+            if directory.name.startswith(".trash-") and not self.read_only:
                 shutil.rmtree(directory, ignore_errors=True)
+            if not (directory.is_dir() and NAME.match(directory.name) and (directory / "settings.json").exists()):
+                continue
+            present.add(directory.name)
+            try:
+                if directory.name in self.collections:
+                    self.collections[directory.name].refresh()
+                else:
+                    self.collections[directory.name] = Collection.open(directory, self.read_only)
+                self.broken.pop(directory.name, None)
+            except CorruptIndex as error:
+                log.error("collection %s cannot be opened: %s", directory.name, error)
+                self.broken[directory.name] = str(error)
+        for name in set(self.collections) - present:
+            self.collections.pop(name).close()
 
     def get(self, name: str) -> Collection:
         if not name:
@@ -44,6 +59,8 @@ class Catalog:
             raise NotFound(f"no collection named {name!r}") from None
 
     def create(self, name: str, settings: CollectionSettings) -> Collection:
+        if self.read_only:
+            raise ReadOnly("this replica is read-only; create collections on the writer")
         if not NAME.match(name or ""):
             raise InvalidArgument(
                 f"invalid collection name {name!r}: 1-64 letters, digits, '_', '.', '-', starting with a letter or digit")
@@ -55,6 +72,8 @@ class Catalog:
             return collection
 
     def drop(self, name: str) -> None:
+        if self.read_only:
+            raise ReadOnly("this replica is read-only; drop collections on the writer")
         with self._lock:
             collection = self.get(name)
             del self.collections[name]

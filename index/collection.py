@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .documents import Document, validate_batch
-from .errors import CorruptIndex, InvalidArgument, NotFound
+from .errors import CorruptIndex, InvalidArgument, NotFound, ReadOnly
 from .fusion import reciprocal_rank, weighted_scores
 from .registry import make_retrievers
 from .settings import CollectionSettings
@@ -163,10 +163,11 @@ class PreparedBatch:
 
 
 class Collection:
-    def __init__(self, directory: Path, settings: CollectionSettings):
+    def __init__(self, directory: Path, settings: CollectionSettings, read_only: bool = False):
         self.directory = directory
         self.name = directory.name
         self.settings = settings
+        self.read_only = read_only  # a replica of a volume another process writes: never deletes a file
         self.retrievers = make_retrievers(settings)
         self._write_lock = threading.Lock()
         self.snapshot = self._load()
@@ -182,24 +183,25 @@ class Collection:
         return cls(directory, settings)
 
     @classmethod
-    def open(cls, directory: Path) -> "Collection":
+    def open(cls, directory: Path, read_only: bool = False) -> "Collection":
         path = directory / "settings.json"
         try:
             settings = CollectionSettings.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError) as error:
             raise CorruptIndex(f"{path}: {error}") from error
-        return cls(directory, settings)
+        return cls(directory, settings, read_only)
 
     def _manifests(self) -> list[Path]:
         return sorted(self.directory.glob("manifest-*.json"), reverse=True)
 
-    def _load(self) -> Snapshot:
+    def _load(self, opened: dict[str, Segment] | None = None) -> Snapshot:
         """The newest manifest whose files all read; a damaged one is reported and skipped."""
         errors = []
+        opened = opened or {}
         for path in self._manifests():
             try:
                 manifest = json.loads(path.read_text())
-                segments = [Segment(self.directory / "segments" / name, self.retrievers)
+                segments = [opened.get(name) or Segment(self.directory / "segments" / name, self.retrievers)
                             for name in manifest["segments"]]
                 snapshot = self._snapshot(manifest, segments)
             except (CorruptIndex, OSError, ValueError, KeyError) as error:
@@ -210,7 +212,8 @@ class Collection:
             if errors:
                 log.warning("collection %s serves generation %d", self.name, snapshot.generation)
             self.load_errors = errors
-            self._remove_orphans(manifest)
+            if not self.read_only:
+                self._remove_orphans(manifest)
             return snapshot
         raise CorruptIndex("; ".join(errors) or f"{self.directory}: no manifest")
 
@@ -240,6 +243,20 @@ class Collection:
             if directory.name not in referenced:
                 shutil.rmtree(directory, ignore_errors=True)
 
+    def refresh(self) -> bool:
+        """Read-only replicas: switch to a newer generation written by the writer, if there is one."""
+        newest = self._manifests()
+        if not newest or int(newest[0].stem.split("-")[1]) <= self.snapshot.generation:
+            return False
+        snapshot = self._load({s.name: s for s in self.snapshot.segments})
+        changed = snapshot.generation != self.snapshot.generation
+        self.snapshot = snapshot
+        return changed
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly(f"this replica serves {self.name!r} read-only; send writes to the writer")
+
     def _commit(self, segments: list[Segment], deleted: dict[str, list[int]], kept: int = MANIFESTS_KEPT) -> Snapshot:
         generation = self.snapshot.generation + 1
         manifest = {
@@ -267,6 +284,7 @@ class Collection:
     # Writing -----------------------------------------------------------------------------------
     def prepare(self, docs: list[Document], prune: bool = True, progress: bool = False) -> PreparedBatch:
         """Quality pruning, then encoding by every index: the costly part, outside the write lock."""
+        self._check_writable()
         validate_batch(docs)
         kept, pruned, quality = docs, [], None
         if prune and self.settings.quality_estimator != "none":
@@ -297,6 +315,7 @@ class Collection:
 
     def delete(self, ids: list[str]) -> tuple[int, list[str], int]:
         """(deleted, ids not found, generation). Other documents keep their ids and rows."""
+        self._check_writable()
         if not ids:
             raise InvalidArgument("no ids to delete")
         with self._write_lock:
@@ -316,6 +335,7 @@ class Collection:
 
     def compact(self) -> None:
         """Rewrite every live row into one segment (no re-encoding); drop the tombstones."""
+        self._check_writable()
         with self._write_lock:
             snapshot = self.snapshot
             if len(snapshot.segments) <= 1 and not any(len(d) for d in snapshot.deleted):

@@ -24,3 +24,7 @@ class ResourceExhausted(SieveError):
 
 class CorruptIndex(SieveError):
     """A file of a collection cannot be read; the message names the file."""
+
+
+class ReadOnly(SieveError):
+    """A write reached a read-only replica."""

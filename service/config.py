@@ -24,6 +24,10 @@ class ServerConfig:
     batch_wait_ms: float = 2.0  # how long the query encoder waits to batch concurrent requests
     max_encode_batch: int = 64
     drain_seconds: float = 30.0
+    # A read-only replica serves searches from an index volume that one writer updates, and picks up
+    # each new generation by polling (see the README's deployment section).
+    read_only: bool = False
+    refresh_seconds: float = 2.0
     redis_url: str = ""
     redis_password: str = ""
     cache_ttl_seconds: int = 300
@@ -41,6 +45,9 @@ class ServerConfig:
         for field in dataclasses.fields(cls):
             raw = os.environ.get(f"SIEVE_{field.name.upper()}")
             if raw is not None:
-                values[field.name] = type(field.default)(raw)
+                if isinstance(field.default, bool):
+                    values[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                else:
+                    values[field.name] = type(field.default)(raw)
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)

@@ -32,7 +32,8 @@ INGEST_OLDEST_SECONDS = Gauge("sieve_ingest_oldest_pending_seconds", "Age of the
                               ["stream"])
 
 CACHE_REQUESTS = Counter("sieve_cache_requests_total", "Shared cache lookups", ["kind", "result"])
-CACHE_AVAILABLE = Gauge("sieve_cache_available", "1 while Redis answers")
+# Labelled so that it is exported only where Redis is configured.
+CACHE_AVAILABLE = Gauge("sieve_cache_available", "1 while Redis answers", ["backend"])
 GPU_MEMORY_BYTES = Gauge("sieve_gpu_memory_bytes", "GPU memory allocated by torch", ["device"])
 
 

@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -23,13 +24,15 @@ from grpc_reflection.v1alpha import reflection
 
 from sieve.index.catalog import Catalog
 from sieve.index.documents import Document, validate_batch
-from sieve.index.errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ResourceExhausted, SieveError
+from sieve.index.errors import (AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly, ResourceExhausted,
+                                SieveError)
 from sieve.index.settings import CollectionSettings
 from sieve.v1 import sieve_pb2 as pb
 
 from . import metrics
 from .batcher import MicroBatcher
 from .config import ServerConfig
+from .logs import request_id
 
 log = logging.getLogger("sieve.service")
 
@@ -40,6 +43,7 @@ STATUS = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CorruptIndex: grpc.StatusCode.FAILED_PRECONDITION,
+    ReadOnly: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -72,6 +76,14 @@ def _check_decoded(request) -> None:
                               "(string fields must be valid UTF-8)")
 
 
+def _take_request_id(context) -> None:
+    """The caller's x-request-id (or a new one) goes into every log line of this call and back out."""
+    given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    rid = given[:64] if given.isprintable() and given else uuid.uuid4().hex[:16]
+    request_id.set(rid)
+    context.set_trailing_metadata((("x-request-id", rid),))
+
+
 def rpc(method):
     """Map errors to statuses, honour deadlines, count and time every call."""
     name = method.__name__
@@ -94,6 +106,7 @@ def rpc(method):
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
+            _take_request_id(context)
             start = time.perf_counter()
             metrics.INFLIGHT.inc()
             try:
@@ -109,6 +122,7 @@ def rpc(method):
 
     @functools.wraps(method)
     async def unary(self, request, context):
+        _take_request_id(context)
         start = time.perf_counter()
         metrics.INFLIGHT.inc()
         try:
@@ -144,9 +158,17 @@ class Sieve:
         self.batcher = MicroBatcher(config.max_encode_batch, config.batch_wait_ms)
         self.pending_batches = 0
         self.searches = asyncio.Semaphore(config.max_concurrent_searches)
+        self.redis = None
+        self.cache = None
+        if config.redis_url:
+            from .cache import ResultCache
+            from .redis_link import RedisLink
+
+            self.redis = RedisLink(config.redis_url, config.redis_password)
+            self.cache = ResultCache(self.redis, config.cache_ttl_seconds)
 
     def load(self) -> None:
-        catalog = Catalog(self.config.data)
+        catalog = Catalog(self.config.data, read_only=self.config.read_only)
         for name in catalog.names():
             metrics.record_collection(name, catalog.get(name).stats())
         self.catalog = catalog
@@ -208,6 +230,12 @@ class SearchServicer:
         names = collection.check_retrievers(list(request.retrievers))
         if request.fusion and request.fusion not in ("rrf", "weighted"):
             raise InvalidArgument(f"unknown fusion {request.fusion!r}; choose rrf or weighted")
+        cache_key = None
+        if sieve.cache is not None:
+            cache_key = sieve.cache.key(request, collection.snapshot.generation, k)
+            cached = await sieve.cache.get(cache_key)
+            if cached is not None:
+                return cached
         async with sieve.searches:
             start = time.perf_counter()
             queries = await sieve.encode(collection, names, request.query)
@@ -222,6 +250,8 @@ class SearchServicer:
             if not request.omit_text:
                 scored.title, scored.text = hit.document.title, hit.document.text
                 scored.metadata.update(hit.document.metadata)
+        if cache_key is not None and result.generation == collection.snapshot.generation:
+            await sieve.cache.put(cache_key, response)
         return response
 
     @rpc
@@ -345,7 +375,12 @@ class Server:
         self.health = health_aio.HealthServicer()
         limits = [("grpc.max_receive_message_length", config.max_message_bytes),
                   ("grpc.max_send_message_length", config.max_message_bytes)]
-        self.grpc = grpc.aio.server(options=limits)
+        interceptors = []
+        if config.api_keys_file:
+            from .auth import ApiKeyInterceptor, load_keys
+
+            interceptors.append(ApiKeyInterceptor(load_keys(config.api_keys_file)))
+        self.grpc = grpc.aio.server(options=limits, interceptors=interceptors)
         servicers = {"SearchService": SearchServicer, "IngestService": IngestServicer,
                      "CollectionService": CollectionServicer}
         self.grpc.add_generic_rpc_handlers([_handlers(name, cls(self.sieve)) for name, cls in servicers.items()])
@@ -353,7 +388,15 @@ class Server:
         names = [f"sieve.v1.{s}" for s in SERVICES]
         reflection.enable_server_reflection(names + [reflection.SERVICE_NAME, "grpc.health.v1.Health"], self.grpc)
         address = f"{config.host}:{config.port}"
-        self.port = self.grpc.add_insecure_port(address)
+        if config.tls_cert:
+            read = lambda path: Path(path).read_bytes()  # noqa: E731
+            credentials = grpc.ssl_server_credentials(
+                [(read(config.tls_key), read(config.tls_cert))],
+                root_certificates=read(config.tls_client_ca) if config.tls_client_ca else None,
+                require_client_auth=bool(config.tls_client_ca))
+            self.port = self.grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
 
@@ -369,10 +412,40 @@ class Server:
         await asyncio.to_thread(self.sieve.load)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %d collection(s)", len(self.sieve.catalog.names()))
+        self.background = []
+        if self.config.read_only:
+            self.background.append(asyncio.create_task(self._follow_writer()))
+        elif self.sieve.redis is not None:
+            from .queue import QueueConsumer
+
+            self.consumer = QueueConsumer(self.sieve.redis, self.sieve)
+            self.background.append(asyncio.create_task(self.consumer.run()))
+        if self.sieve.redis is not None:
+            self.background.append(asyncio.create_task(self._watch_redis()))
+
+    async def _follow_writer(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_seconds)
+            try:
+                await asyncio.to_thread(self.sieve.catalog.refresh)
+            except Exception:  # a half-written generation reads next time
+                log.exception("refresh failed; serving the generation already loaded")
+
+    async def _watch_redis(self) -> None:
+        """`sieve.redis` in the health service: NOT_SERVING while Redis is away (searches go on)."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        while True:
+            await self.sieve.redis.call("ping")
+            await self.health.set("sieve.redis", serving if self.sieve.redis.available else not_serving)
+            await asyncio.sleep(1)
 
     async def stop(self, grace: float | None = None) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for task in getattr(self, "background", []):
+            task.cancel()
         await self.grpc.stop(self.config.drain_seconds if grace is None else grace)
+        if self.sieve.redis is not None:
+            await self.sieve.redis.close()
 
 
 async def serve(config: ServerConfig) -> None:

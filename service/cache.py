@@ -1,0 +1,36 @@
+"""A cache of search responses shared by replicas, keyed by the index generation.
+
+The key holds the collection's generation, so a replica never reads results computed on a
+generation other than the one it serves: a commit changes the generation, which is the
+invalidation, and the TTL removes what is left behind.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from sieve.v1 import sieve_pb2 as pb
+
+from . import metrics
+from .redis_link import RedisLink
+
+
+class ResultCache:
+    def __init__(self, link: RedisLink, ttl_seconds: int):
+        self.link = link
+        self.ttl = ttl_seconds
+
+    @staticmethod
+    def key(request: pb.SearchRequest, generation: int, k: int) -> str:
+        plain = pb.SearchRequest()
+        plain.CopyFrom(request)
+        plain.k = k  # the default k and an explicit equal k share an entry
+        digest = hashlib.sha256(plain.SerializeToString(deterministic=True)).hexdigest()[:32]
+        return f"sieve:result:{request.collection}:{generation}:{digest}"
+
+    async def get(self, key: str) -> pb.SearchResponse | None:
+        raw = await self.link.call("get", key)
+        metrics.CACHE_REQUESTS.labels("result", "hit" if raw else "miss").inc()
+        return pb.SearchResponse.FromString(raw) if raw else None
+
+    async def put(self, key: str, response: pb.SearchResponse) -> None:
+        await self.link.call("set", key, response.SerializeToString(), ex=self.ttl)
