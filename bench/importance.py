@@ -59,14 +59,15 @@ def load(name: str):
 
 def cached(path: Path, compute):
     """(value, seconds it took when computed): numpy arrays and their timing, kept on disk."""
-    if path.with_suffix(".npy").exists():
-        return np.load(path.with_suffix(".npy")), json.loads(path.with_suffix(".json").read_text())["seconds"]
+    array, meta = Path(f"{path}.npy"), Path(f"{path}.json")
+    if array.exists():
+        return np.load(array), json.loads(meta.read_text())["seconds"]
     start = time.perf_counter()
     value = compute()
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path.with_suffix(".npy"), value)
-    path.with_suffix(".json").write_text(json.dumps({"seconds": seconds, "rows": len(value)}))
+    np.save(array, value)
+    meta.write_text(json.dumps({"seconds": seconds, "rows": len(value)}))
     return value, seconds
 
 
@@ -77,7 +78,7 @@ def dense_embeddings(name: str, texts: list[str]) -> tuple[np.ndarray, float]:
     /work/cache/reranker/; those are reused, and the encoding time is measured on a sample."""
     encoder = load_encoder("")
     shared = SHARED_DENSE / f"{name}_dense.npy"
-    if shared.exists() and not (CACHE / f"{name}.dense.npy").exists():
+    if shared.exists() and not Path(f"{CACHE / name}.dense.npy").exists():
         vectors = np.load(shared)
         if len(vectors) == len(texts):
             sample = texts[:: max(1, len(texts) // 128)][:128]

@@ -61,6 +61,11 @@ class Segment:
         self.name = directory.name
         try:
             meta = json.loads((directory / "meta.json").read_text())
+            for name, size in meta["files"].items():  # a truncated or replaced file names itself
+                found = (directory / name).stat().st_size if (directory / name).exists() else None
+                if found != size:
+                    raise CorruptIndex(f"{directory / name}: expected {size} bytes, found "
+                                       f"{'no file' if found is None else found} (truncated or replaced?)")
             self.indexed: int = meta["indexed"]  # rows [0, indexed) are searchable, the rest were pruned
             self.ids: list[str] = json.loads((directory / "ids.json").read_text())
             self.offsets = np.load(directory / "offsets.npy")
@@ -104,7 +109,8 @@ class Segment:
             np.save(directory / "quality.npy", quality.astype("float32"))
         for name, retriever in retrievers.items():
             retriever.write(directory, encoded[name])
-        (directory / "meta.json").write_text(json.dumps({"indexed": indexed, "documents": len(docs)}))
+        files = {path.name: path.stat().st_size for path in directory.iterdir()}
+        (directory / "meta.json").write_text(json.dumps({"indexed": indexed, "documents": len(docs), "files": files}))
         for path in directory.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

@@ -176,9 +176,12 @@ class TermWeightModel:
         self.lock = __import__("threading").Lock()
 
     def weights(self, texts: list[str], batch_size: int = 32) -> list[dict[str, float]]:
-        out = []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad little
+        out: list[dict[str, float]] = [{} for _ in texts]
         for start in range(0, len(texts), batch_size):
-            out.extend(self._batch(texts[start:start + batch_size]))
+            rows = order[start:start + batch_size]
+            for row, weights in zip(rows, self._batch([texts[r] for r in rows])):
+                out[row] = weights
         return out
 
     def _batch(self, texts: list[str]) -> list[dict[str, float]]:

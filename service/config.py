@@ -31,6 +31,7 @@ class ServerConfig:
     redis_url: str = ""
     redis_password: str = ""
     cache_ttl_seconds: int = 300
+    queue_claim_idle_ms: int = 30_000  # a queue entry pending this long is taken over from its consumer
     api_keys_file: str = ""
     tls_cert: str = ""
     tls_key: str = ""

@@ -18,10 +18,10 @@ RETRY_AFTER_SECONDS = 2.0
 
 
 class RedisLink:
-    def __init__(self, url: str, password: str = "", timeout: float = 0.5):
+    def __init__(self, url: str, password: str = "", connect_timeout: float = 0.5, timeout: float = 2.0):
         # rediss:// URLs use TLS; certificate options go in the URL's query (ssl_ca_certs=...).
         self.client = aioredis.from_url(url, password=password or None, socket_timeout=timeout,
-                                        socket_connect_timeout=timeout, health_check_interval=10)
+                                        socket_connect_timeout=connect_timeout, health_check_interval=10)
         self.available = True
         self._down_since = 0.0
         metrics.CACHE_AVAILABLE.labels("redis").set(1)

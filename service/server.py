@@ -418,7 +418,7 @@ class Server:
         elif self.sieve.redis is not None:
             from .queue import QueueConsumer
 
-            self.consumer = QueueConsumer(self.sieve.redis, self.sieve)
+            self.consumer = QueueConsumer(self.sieve.redis, self.sieve, claim_idle_ms=self.config.queue_claim_idle_ms)
             self.background.append(asyncio.create_task(self.consumer.run()))
         if self.sieve.redis is not None:
             self.background.append(asyncio.create_task(self._watch_redis()))
