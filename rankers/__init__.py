@@ -1,0 +1,6 @@
+"""Rerankers: Sieve's cross-encoder with early-layer candidate pruning, and any HF cross-encoder."""
+from .reranker import (NO_PRUNING, ExternalReranker, LayeredReranker, PruningOptions, Reranker, RerankResult,
+                       fuse_with_first_stage, load_reranker)
+
+__all__ = ["NO_PRUNING", "ExternalReranker", "LayeredReranker", "PruningOptions", "Reranker", "RerankResult",
+           "fuse_with_first_stage", "load_reranker"]

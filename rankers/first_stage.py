@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import numpy as np
 import Stemmer
 
 from sieve.index.encoders import load_encoder
+
+DATASETS = Path(os.environ.get("SIEVE_DATASETS", "/work/shared/datasets"))
+SCIFACT_DIR = DATASETS / "scifact"
 
 
 def read_beir(folder: str | Path, split: str) -> tuple[dict, dict, dict]:

@@ -320,3 +320,15 @@ def load_reranker(name_or_path: str = "", dtype: str = "auto", device: str | Non
     if (path / "weights.safetensors").exists() and "checkpoint_layers" in (path / "config.json").read_text():
         return load_artifact(path, device, torch_dtype)
     return ExternalReranker(str(path) if path.exists() else name_or_path, device, torch_dtype)
+
+
+def fuse_with_first_stage(result: RerankResult, first_stage_scores: list[float], weight: float) -> list[tuple[int, float]]:
+    """Every candidate, ranked by weight * reranker score + (1 - weight) * first-stage score, both min-max
+    normalised; candidates pruned before the last layer get the lowest reranker contribution (none)."""
+    from sieve.index.fusion import weighted_scores
+
+    if not 0.0 <= weight <= 1.0:
+        raise InvalidArgument(f"fusion weight must be in [0, 1], got {weight!r}")
+    return weighted_scores({"reranker": list(zip(result.order, result.scores)),
+                            "first_stage": list(enumerate(first_stage_scores))},
+                           {"reranker": weight, "first_stage": 1.0 - weight})

@@ -28,9 +28,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .first_stage import FirstStage, passage_text, read_beir
+from .first_stage import SCIFACT_DIR as SCIFACT, FirstStage, passage_text, read_beir
 
-SCIFACT = Path("/work/shared/datasets/scifact")
 CACHE = Path("/work/cache/reranker")
 
 
@@ -134,7 +133,7 @@ def train(model, tokenizer, groups: list[Group], minutes: float, trainable_top: 
     total_steps = len(order) // groups_per_step
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
     model.train()
-    started, losses, step = time.time(), [], 0
+    started, losses, steps = time.time(), [], 0
     progress = tqdm(range(total_steps), desc="training", mininterval=10)
     for step in progress:
         if time.time() - started > minutes * 60:
@@ -151,11 +150,12 @@ def train(model, tokenizer, groups: list[Group], minutes: float, trainable_top: 
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
+        steps += 1
         if step % log_every == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}")
     model.eval()
-    return {"steps": step, "groups": step * groups_per_step, "minutes": round((time.time() - started) / 60, 1),
+    return {"steps": steps, "groups": steps * groups_per_step, "minutes": round((time.time() - started) / 60, 1),
             "trainable_layers": list(range(frozen_below, model.num_layers + 1)), "lr": lr, "head_lr": head_lr,
             "max_length": max_length, "final_loss": float(np.mean(losses[-100:])) if losses else None}
 
@@ -173,7 +173,7 @@ def save_artifact(model, out: Path, config: dict) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: int = 50, k: int = 10,
+def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: int = 30, k: int = 10,
               quantiles=(0.8, 0.9, 0.95, 1.0)) -> dict:
     """On held-out SciFact train queries: per-layer pruning margins and the first-stage fusion weight.
 

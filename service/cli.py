@@ -185,6 +185,43 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Measure the fused first stage against first stage + reranker on judged queries; record the verdict."""
+    import time
+
+    from tqdm import tqdm
+
+    from sieve.index.beir import evaluate, load_judged_queries
+    from sieve.index.collection import Collection
+    from sieve.rankers import PruningOptions, load_reranker
+
+    from .reranking import record_evaluation
+
+    collection = Collection.open(Path(args.data) / args.collection, read_only=True)
+    queries, qrels = load_judged_queries(args.queries, args.split)
+    reranker = load_reranker(collection.settings.reranker)
+    options = PruningOptions(prune=not args.no_pruning)
+    names = collection.settings.search_retrievers
+    first_stage, reranked = {}, {}
+    for qid, text in tqdm(queries.items(), desc=f"evaluate {args.collection}", unit="query"):
+        encoded = {name: collection.encode_queries(name, [text])[0] for name in names}
+        hits = collection.search(encoded, max(args.candidates, 100)).hits
+        first_stage[qid] = {h.id: h.score for h in hits}
+        top = hits[:args.candidates]
+        result = reranker.rerank(text, [h.document.content for h in top], 10, options)
+        reranked[qid] = {top[i].id: 1000.0 + s for i, s in zip(result.order, result.scores)}
+        reranked[qid].update({h.id: h.score for h in hits[args.candidates:]})  # below every reranked one
+    before, after = evaluate(first_stage, qrels), evaluate(reranked, qrels)
+    figures = {"queries": len(queries), "split": args.split, "candidates": args.candidates,
+               "first_stage_ndcg@10": before["nDCG@10"], "reranked_ndcg@10": after["nDCG@10"],
+               "pruning": not args.no_pruning, "measured_at": time.strftime("%Y-%m-%d")}
+    record_evaluation(collection.directory, figures)
+    verdict = "ON" if after["nDCG@10"] > before["nDCG@10"] else "OFF"
+    print(f"first stage nDCG@10 {before['nDCG@10']:.4f}, reranked {after['nDCG@10']:.4f}: "
+          f"reranking is {verdict} by default for {args.collection!r}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sieve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -244,6 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--data", required=True, help="BEIR folder with qrels/train.tsv")
     train.add_argument("--out", required=True, help="output folder for the artifact")
     train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="measure reranking on judged queries; sets the default")
+    evaluate.add_argument("--data", default=os.environ.get("SIEVE_DATA", "./sieve-data"), help="data directory")
+    evaluate.add_argument("--collection", required=True)
+    evaluate.add_argument("--queries", required=True, help="BEIR folder with queries.jsonl and qrels/")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--candidates", type=int, default=50)
+    evaluate.add_argument("--no-pruning", action="store_true")
+    evaluate.set_defaults(run=cmd_evaluate)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -33,6 +34,7 @@ from . import metrics
 from .batcher import MicroBatcher
 from .config import ServerConfig
 from .logs import request_id
+from .reranking import candidate_count, pruning_options, rerank_default
 
 log = logging.getLogger("sieve.service")
 
@@ -182,6 +184,8 @@ class Sieve:
         stats = collection.stats()
         metrics.record_collection(collection.name, stats)
         details = stats.pop("details")
+        on, why = rerank_default(collection)
+        details["rerank"] = {"default": on, "reason": why}
         return pb.CollectionInfo(
             name=collection.name,
             settings=to_struct(collection.settings.to_dict()),
@@ -208,6 +212,17 @@ class Sieve:
         if not 1 <= k <= self.config.max_k:
             raise InvalidArgument(f"k must be within 1..{self.config.max_k}, not {k}")
         return k
+
+    async def rerank(self, model: str, query: str, passages: list[str], k: int, options):
+        """Rerank through the batcher, so that concurrent requests share forward passes."""
+        from sieve.rankers import load_reranker
+
+        reranker = await asyncio.to_thread(load_reranker, model)
+        result = await self.batcher.submit(("rerank", model), reranker.rerank_many, (query, passages, k, options))
+        checkpoints = [0, *(options.checkpoints or getattr(reranker, "default_checkpoints", ()))]
+        for layer, alive in zip(checkpoints, result.survivors):
+            metrics.RERANK_SURVIVORS.labels(str(layer)).observe(alive)
+        return result
 
     async def encode(self, collection, names, query: str) -> dict:
         """Each retriever's representation of the query, batched with concurrent requests."""
@@ -236,16 +251,28 @@ class SearchServicer:
             cached = await sieve.cache.get(cache_key)
             if cached is not None:
                 return cached
+        rerank = request.rerank.enabled if request.rerank.HasField("enabled") else rerank_default(collection)[0]
+        depth = candidate_count(request.rerank, collection.settings, k, sieve.config.max_rerank_passages) \
+            if rerank else k
         async with sieve.searches:
             start = time.perf_counter()
             queries = await sieve.encode(collection, names, request.query)
             encode_ms = (time.perf_counter() - start) * 1000
-            result = await asyncio.to_thread(collection.search, queries, k, request.fusion)
-        timings = {"encode": encode_ms, **result.timings_ms}
+            result = await asyncio.to_thread(collection.search, queries, depth, request.fusion)
+            timings = {"encode": encode_ms, **result.timings_ms}
+            response = pb.SearchResponse(generation=result.generation)
+            if rerank and result.hits:
+                start = time.perf_counter()
+                options = pruning_options(request.rerank, collection.settings)
+                passages = [hit.document.content for hit in result.hits]
+                reranked = await sieve.rerank(collection.settings.reranker, request.query, passages, k, options)
+                result.hits = [replace(result.hits[i], score=score) for i, score in zip(reranked.order, reranked.scores)]
+                timings["rerank"] = (time.perf_counter() - start) * 1000
+                response.survivors.extend(reranked.survivors)
         for stage, ms in timings.items():
             metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
-        response = pb.SearchResponse(generation=result.generation, timings_ms=timings)
-        for hit in result.hits:
+        response.timings_ms.update(timings)
+        for hit in result.hits[:k]:
             scored = response.results.add(id=hit.id, score=hit.score)
             if not request.omit_text:
                 scored.title, scored.text = hit.document.title, hit.document.text
@@ -256,7 +283,29 @@ class SearchServicer:
 
     @rpc
     async def Rerank(self, request, context):
-        raise Unavailable("no reranker is loaded on this server")
+        sieve = self.sieve
+        settings = sieve.collection(request.collection).settings if request.collection else CollectionSettings()
+        if not request.query.strip():
+            raise InvalidArgument("the query is empty")
+        if not request.passages:
+            raise InvalidArgument("no passages to rerank")
+        if len(request.passages) > sieve.config.max_rerank_passages:
+            raise InvalidArgument(f"{len(request.passages)} passages; the limit is {sieve.config.max_rerank_passages}")
+        if request.k < 0:
+            raise InvalidArgument(f"k must be >= 0 (0: all), not {request.k}")
+        for position, passage in enumerate(request.passages):
+            if not passage.text.strip():
+                raise InvalidArgument(f"passage {position} ({passage.id!r}) is empty")
+            if len(passage.text) > sieve.config.max_document_chars:
+                raise InvalidArgument(f"passage {position} ({passage.id!r}) is longer than "
+                                      f"{sieve.config.max_document_chars} characters")
+        k = min(request.k or len(request.passages), len(request.passages))
+        options = pruning_options(request.options, settings)
+        result = await sieve.rerank(settings.reranker, request.query, [p.text for p in request.passages], k, options)
+        response = pb.RerankResponse(survivors=result.survivors)
+        for index, score in list(zip(result.order, result.scores))[:k]:
+            response.results.add(id=request.passages[index].id, score=score, index=index)
+        return response
 
 
 class IngestServicer:

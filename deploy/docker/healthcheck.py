@@ -1,18 +1,19 @@
 """Container health check: asks the server's standard gRPC health service, exits 0 when SERVING.
 
-Docker's HEALTHCHECK runs it (`python /opt/sieve/healthcheck.py`); it needs nothing beyond the
-grpcio-health-checking package Sieve already depends on, so images download no probe binary.
-It reads the server's own settings: SIEVE_PORT, and with SIEVE_TLS_CERT it speaks TLS, trusting
-SIEVE_HEALTHCHECK_CA (default: the server certificate itself, right for a self-signed one) and, for
-mutual TLS, presenting SIEVE_HEALTHCHECK_CERT / SIEVE_HEALTHCHECK_KEY.
+    python /opt/sieve/healthcheck.py [SERVICE]
 
-`--metrics` checks the Prometheus endpoint instead (for `sieve worker`, which serves no gRPC).
+Docker's HEALTHCHECK runs it with no argument (the whole server). SERVICE names one entry of the
+health service instead: sieve.v1.SearchService, sieve.v1.IngestService, sieve.v1.CollectionService,
+or sieve.redis (NOT_SERVING while Redis is unreachable, though the server itself keeps serving).
+It needs nothing beyond the grpcio-health-checking package Sieve already depends on, so images
+download no probe binary. It reads the server's own settings: SIEVE_PORT, and with SIEVE_TLS_CERT it
+speaks TLS, trusting SIEVE_HEALTHCHECK_CA (default: the server certificate itself, right for a
+self-signed one) and, for mutual TLS, presenting SIEVE_HEALTHCHECK_CERT / SIEVE_HEALTHCHECK_KEY.
 """
 from __future__ import annotations
 
 import os
 import sys
-import urllib.request
 
 
 def _read(path_variable: str, default: str | None = None) -> bytes | None:
@@ -42,7 +43,7 @@ def grpc_serving(service: str = "", timeout: float = 3.0) -> bool:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError as error:
+        except grpc.RpcError as error:  # NOT_FOUND: the server knows no such service name
             print(f"unhealthy: {error.code().name} {error.details()}", file=sys.stderr)
             return False
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -51,15 +52,7 @@ def grpc_serving(service: str = "", timeout: float = 3.0) -> bool:
     return serving
 
 
-def metrics_up(timeout: float = 3.0) -> bool:
-    url = f"http://127.0.0.1:{os.environ.get('SIEVE_METRICS_PORT', '9100')}/metrics"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status == 200
-    except OSError as error:
-        print(f"unhealthy: {url}: {error}", file=sys.stderr)
-        return False
-
-
 if __name__ == "__main__":
-    sys.exit(0 if (metrics_up() if "--metrics" in sys.argv[1:] else grpc_serving()) else 1)
+    if len(sys.argv) > 2 or sys.argv[1:2] in (["-h"], ["--help"]):
+        sys.exit(__doc__)
+    sys.exit(0 if grpc_serving(*sys.argv[1:2]) else 1)

@@ -1,0 +1,124 @@
+"""The reranker with early-layer pruning: real MiniLM weights, real SciFact passages, small slices."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from sieve.index.errors import InvalidArgument
+from sieve.rankers import PruningOptions, RerankResult, load_reranker
+from sieve.rankers.first_stage import SCIFACT_DIR, passage_text
+
+QUERY = "Aspirin reduces the risk of myocardial infarction."
+
+
+@pytest.fixture(scope="module")
+def passages() -> list[str]:
+    with open(SCIFACT_DIR / "corpus.jsonl") as f:
+        rows = [json.loads(line) for line in itertools.islice(f, 40)]
+    return [passage_text(row["title"], row["text"]) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def reranker():
+    return load_reranker("", dtype="float32")
+
+
+def test_shipped_reranker_has_a_head_at_every_layer(reranker):
+    assert reranker.num_layers == 6
+    assert reranker.checkpoint_layers == (1, 2, 3, 4, 5, 6)
+
+
+def test_no_pruning_matches_a_plain_full_forward(reranker, passages):
+    result = reranker.rerank(QUERY, passages, 10, PruningOptions(prune=False))
+    model = reranker.model
+    batch = reranker.encode(QUERY, passages)
+    with torch.inference_mode():
+        hidden = model.bert(**batch).last_hidden_state  # transformers' own forward, not ours
+        scores = model.score(6, hidden, *model.segment_masks(batch))
+    assert result.order == torch.argsort(scores, descending=True, stable=True).tolist()
+    assert result.scores == pytest.approx(sorted(scores.tolist(), reverse=True), abs=1e-4)
+    assert result.survivors == [len(passages)]
+
+
+def test_pruning_really_skips_rows_in_later_layers(reranker, passages):
+    before = list(reranker.rows_processed)
+    result = reranker.rerank(QUERY, passages, 5, PruningOptions(checkpoints=(1, 3), margin=0.0, safety=3))
+    rows = [after - b for after, b in zip(reranker.rows_processed, before)]
+    assert rows[1] == len(passages)
+    assert result.survivors[0] == len(passages) and result.survivors[1] < len(passages)
+    assert rows[2] == rows[3] == result.survivors[1]  # layers 2-3 ran on layer-1 survivors only
+    assert rows[6] == result.survivors[2] < len(passages)
+    assert sum(rows) < 6 * len(passages)
+    assert len(result.order) == result.survivors[-1] >= 5
+
+
+@pytest.mark.parametrize("k", [1, 7, 40, 60])
+def test_pruning_never_returns_fewer_than_k(reranker, passages, k):
+    result = reranker.rerank(QUERY, passages, k, PruningOptions(checkpoints=(1, 2, 3, 4, 5), margin=0.0, safety=0))
+    assert len(result.order) >= min(k, len(passages))
+    assert len(set(result.order)) == len(result.order) and set(result.order) <= set(range(len(passages)))
+    assert result.scores == sorted(result.scores, reverse=True)
+
+
+def test_calibrated_pruning_keeps_the_top_of_the_full_ranking(reranker, passages):
+    full = reranker.rerank(QUERY, passages, 5, PruningOptions(prune=False))
+    pruned = reranker.rerank(QUERY, passages, 5, PruningOptions())  # calibrated margins, default checkpoints
+    assert len(set(full.order[:5]) & set(pruned.order[:5])) >= 4
+
+
+def test_rerank_many_matches_one_at_a_time(reranker, passages):
+    requests = [(QUERY, passages[:12], 3, PruningOptions(checkpoints=(2,), margin=0.5, safety=1)),
+                ("cancer stem cells", passages[12:], 4, PruningOptions(prune=False))]
+    together = reranker.rerank_many(requests)
+    for request, result in zip(requests, together):
+        alone = reranker.rerank(*request)
+        assert isinstance(result, RerankResult)
+        assert result.order == alone.order and result.survivors == alone.survivors
+        assert result.scores == pytest.approx(alone.scores, abs=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    dict(checkpoints=(3, 2)), dict(checkpoints=()), dict(checkpoints=(0,)), dict(checkpoints=(1, 1)),
+    dict(margin=-1.0), dict(margin=float("nan")), dict(safety=-1), dict(safety=1.5), dict(prune="yes"),
+])
+def test_bad_options_are_refused(options):
+    with pytest.raises(InvalidArgument):
+        PruningOptions(**options)
+
+
+@pytest.mark.parametrize("query, passages, k, message", [
+    ("", ["a passage"], 1, "query"),
+    ("   ", ["a passage"], 1, "query"),
+    ("q", [], 1, "passages"),
+    ("q", ["a passage"], 0, "k must be"),
+    ("q", ["p"] * 1001, 1, "at most 1000"),
+    ("q", ["x" * 100_001], 1, "characters"),
+    ("q", ["fine", None], 1, "passage 1"),
+])
+def test_bad_requests_are_refused(reranker, query, passages, k, message):
+    with pytest.raises(InvalidArgument, match=message):
+        reranker.rerank(query, passages, k, PruningOptions(prune=False))
+
+
+def test_checkpoint_outside_the_model_is_refused(reranker, passages):
+    with pytest.raises(InvalidArgument, match="no trained score head"):
+        reranker.rerank(QUERY, passages, 3, PruningOptions(checkpoints=(2, 9)))
+
+
+def test_external_cross_encoder_refuses_early_pruning(tmp_path, passages):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from sieve.index.encoders import resolve_encoder
+
+    base = resolve_encoder("")
+    BertForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path)
+    external = load_reranker(str(tmp_path), dtype="float32")
+    assert external.checkpoint_layers == (external.num_layers,) == (6,)
+    with pytest.raises(InvalidArgument, match="only at its last layer"):
+        external.rerank(QUERY, passages, 3, PruningOptions())
+    result = external.rerank(QUERY, passages, 3, PruningOptions(prune=False))
+    assert sorted(result.order) == list(range(len(passages))) and result.survivors == [len(passages)]
