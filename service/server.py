@@ -497,8 +497,28 @@ class Server:
             await self.sieve.redis.close()
 
 
+def setup_tracing(endpoint: str) -> None:
+    """OpenTelemetry spans for every gRPC call, exported over OTLP (the `otel` extra)."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as error:
+        raise SystemExit(f"SIEVE_OTEL_ENDPOINT is set but OpenTelemetry is not installed "
+                         f"(pip install 'sieve[otel]'): {error}")
+    provider = TracerProvider(resource=Resource.create({"service.name": "sieve"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    trace.set_tracer_provider(provider)
+    GrpcAioInstrumentorServer().instrument()
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight requests."""
+    if config.otel_endpoint:
+        setup_tracing(config.otel_endpoint)
     if config.metrics_port:
         from prometheus_client import start_http_server
 

@@ -1,0 +1,214 @@
+"""Reranking benchmark: the fused first stage, the reranker with and without early pruning, the peer.
+
+Every setting reranks the same candidates: RRF(BM25, MiniLM dense) top-20 / top-50 / top-100 on
+SciFact test. Settings of one depth run interleaved query by query, so load from other processes
+on this shared machine hits them alike and the ratios stay fair. The peer is
+sentence_transformers.CrossEncoder.predict over the same BERT weights (latency only: its linear
+head is not ours). Zero-shot: Cranfield, CISI, Medline top-20, reranked pipeline vs first stage.
+
+    python bench/rerank.py --threads 2            # writes bench/results/rerank.{json,md,png}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ir_measures
+import numpy as np
+import torch
+
+from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
+from sieve.rankers.first_stage import DATASETS, FirstStage, passage_text, read_beir
+
+NDCG = ir_measures.nDCG @ 10
+RESULTS = Path(__file__).parent / "results"
+CACHE = Path("/work/cache/reranker")
+SETTINGS = {  # name -> options; margins are per-layer calibrated unless a number is given
+    "full (no pruning)": PruningOptions(prune=False),
+    "prune @2,4": PruningOptions(checkpoints=(2, 4)),
+    "prune @1,2,3,4,5": PruningOptions(checkpoints=(1, 2, 3, 4, 5)),
+    "prune @1,3": PruningOptions(checkpoints=(1, 3)),
+    "prune @1,2,3,4,5 safety 0": PruningOptions(checkpoints=(1, 2, 3, 4, 5), safety=0),
+}
+
+
+def ndcg(run: dict[str, list[tuple[str, float]]], qrels: dict) -> float:
+    qrel_list = [ir_measures.Qrel(q, d, r) for q in run for d, r in qrels.get(q, {}).items()]
+    scored = [ir_measures.ScoredDoc(q, d, float(s)) for q, ranking in run.items() for d, s in ranking]
+    return float(ir_measures.calc_aggregate([NDCG], qrel_list, scored)[NDCG])
+
+
+def first_stage_run(name: str, depth: int = 100):
+    corpus, queries, qrels = read_beir(DATASETS / name, "test")
+    stage = FirstStage(corpus, cache=CACHE / f"{name}_dense.npy")
+    qids = sorted(queries)
+    started = time.perf_counter()
+    candidates = [stage.search([queries[q]], depth)[0] for q in qids]  # one at a time, like a service
+    latency = (time.perf_counter() - started) / len(qids)
+    return corpus, queries, qrels, qids, candidates, latency
+
+
+def peer_folder(reranker) -> str:
+    """A sentence-transformers CrossEncoder folder with the reranker's BERT weights and a linear head."""
+    from sentence_transformers import CrossEncoder
+    from transformers import BertForSequenceClassification
+
+    from sieve.index.encoders import resolve_encoder
+
+    folder = tempfile.mkdtemp(prefix="peer-ce-")
+    model = BertForSequenceClassification.from_pretrained(resolve_encoder(""), num_labels=1)
+    model.bert.load_state_dict(reranker.model.bert.float().state_dict())
+    reranker.model.bert.to(reranker.dtype)
+    model.save_pretrained(folder)
+    reranker.tokenizer.save_pretrained(folder)
+    return CrossEncoder(folder, max_length=reranker.max_length, device="cpu")
+
+
+def rerank_depth(reranker, peer, corpus, queries, qrels, qids, candidates, depth, limit, weight):
+    qids, candidates = qids[:limit], candidates[:limit]
+    runs = {name: {} for name in SETTINGS}
+    fused = {name: {} for name in SETTINGS}
+    seconds = {name: 0.0 for name in SETTINGS} | {"peer CrossEncoder.predict": 0.0}
+    survivors = {name: [] for name in SETTINGS}
+    overlap = {name: [] for name in SETTINGS}
+    for q, cands in zip(qids, candidates):
+        ids = cands.ids[:depth]
+        passages = [passage_text(*corpus[d]) for d in ids]
+        for name, options in SETTINGS.items():
+            started = time.perf_counter()
+            result = reranker.rerank(queries[q], passages, 10, options)
+            seconds[name] += time.perf_counter() - started
+            runs[name][q] = [(ids[i], s) for i, s in zip(result.order, result.scores)]
+            fused[name][q] = [(ids[i], s) for i, s in fuse_with_first_stage(result, cands.rrf[:depth].tolist(), weight)]
+            survivors[name].append(result.survivors)
+        if peer is not None:
+            started = time.perf_counter()
+            peer.predict([(queries[q], p) for p in passages], batch_size=32, show_progress_bar=False)
+            seconds["peer CrossEncoder.predict"] += time.perf_counter() - started
+        full_top = {d for d, _ in runs["full (no pruning)"][q][:10]}
+        for name in SETTINGS:
+            overlap[name].append(len(full_top & {d for d, _ in runs[name][q][:10]}) / len(full_top))
+    base = runs["full (no pruning)"]
+    rows = {}
+    for name in SETTINGS:
+        rows[name] = {
+            "ndcg10_reranker": ndcg(runs[name], qrels), "ndcg10_pipeline": ndcg(fused[name], qrels),
+            "ms_per_query": 1000 * seconds[name] / len(qids),
+            "speedup": seconds["full (no pruning)"] / seconds[name],
+            "top10_overlap": float(np.mean(overlap[name])),
+            "mean_survivors": np.mean(survivors[name], axis=0).round(1).tolist(),
+        }
+        rows[name]["ndcg_ratio"] = rows[name]["ndcg10_reranker"] / ndcg(base, qrels)
+        rows[name]["pipeline_ndcg_ratio"] = rows[name]["ndcg10_pipeline"] / rows["full (no pruning)"]["ndcg10_pipeline"]
+    if peer is not None:
+        rows["peer CrossEncoder.predict"] = {"ms_per_query": 1000 * seconds["peer CrossEncoder.predict"] / len(qids),
+                                             "speedup": seconds["full (no pruning)"] / seconds["peer CrossEncoder.predict"]}
+    first = {q: list(zip(c.ids[:depth], c.rrf[:depth].tolist())) for q, c in zip(qids, candidates)}
+    return {"queries": len(qids), "first_stage_ndcg10_same_queries": ndcg(first, qrels), "settings": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--queries", default="20:300,50:120,100:60", help="depth:queries per depth (a prefix of the sorted test ids)")
+    parser.add_argument("--zero-shot-queries", type=int, default=100)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    reranker = load_reranker("")
+    weight = reranker.fusion_weight if reranker.fusion_weight is not None else 0.5
+    peer = None if args.no_peer else peer_folder(reranker)
+    report = {"threads": args.threads, "dtype": str(reranker.dtype), "fusion_weight": weight,
+              "default_checkpoints": list(reranker.default_checkpoints), "margins": reranker.margins,
+              "scifact": {}, "zero_shot": {}}
+
+    corpus, queries, qrels, qids, candidates, latency = first_stage_run("scifact")
+    first = {q: list(zip(c.ids, c.rrf.tolist())) for q, c in zip(qids, candidates)}
+    report["scifact"]["first_stage"] = {"ndcg10": ndcg(first, qrels), "ms_per_query": 1000 * latency, "queries": len(qids)}
+    print("scifact first stage", report["scifact"]["first_stage"], flush=True)
+    for spec in args.queries.split(","):
+        depth, limit = map(int, spec.split(":"))
+        report["scifact"][f"top{depth}"] = rerank_depth(reranker, peer, corpus, queries, qrels, qids, candidates,
+                                                        depth, limit, weight)
+        print(f"scifact top{depth}", json.dumps(report["scifact"][f"top{depth}"], indent=1), flush=True)
+
+    for name in ("cranfield", "cisi", "medline"):
+        corpus, queries, qrels, qids, candidates, latency = first_stage_run(name, 20)
+        qids, candidates = qids[:args.zero_shot_queries], candidates[:args.zero_shot_queries]
+        first, alone, fused = {}, {}, {}
+        for q, cands in zip(qids, candidates):
+            result = reranker.rerank(queries[q], [passage_text(*corpus[d]) for d in cands.ids], 10, PruningOptions())
+            first[q] = list(zip(cands.ids, cands.rrf.tolist()))
+            alone[q] = [(cands.ids[i], s) for i, s in zip(result.order, result.scores)]
+            fused[q] = [(cands.ids[i], s) for i, s in fuse_with_first_stage(result, cands.rrf.tolist(), weight)]
+        report["zero_shot"][name] = {"queries": len(qids), "first_stage_ndcg10": ndcg(first, qrels),
+                                     "reranker_ndcg10": ndcg(alone, qrels), "pipeline_ndcg10": ndcg(fused, qrels)}
+        print(name, report["zero_shot"][name], flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "rerank.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "rerank.md").write_text(markdown(report))
+    plot(report, args.out / "rerank.png")
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    first = report["scifact"]["first_stage"]
+    lines = [f"# Reranking, SciFact test ({report['dtype']}, {report['threads']} threads, fusion weight "
+             f"{report['fusion_weight']})", "",
+             f"Fused first stage RRF(BM25, dense): nDCG@10 {first['ndcg10']:.3f}, {first['ms_per_query']:.0f} ms/query "
+             f"({first['queries']} queries).", "",
+             "| depth | setting | queries | nDCG@10 reranker | nDCG@10 pipeline | ratio | top-10 overlap | ms/query | speedup | survivors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for depth, block in report["scifact"].items():
+        if depth == "first_stage":
+            continue
+        lines.append(f"| {depth} | first stage (same queries) | {block['queries']} | | "
+                     f"{block['first_stage_ndcg10_same_queries']:.3f} | | | | | |")
+        for name, row in block["settings"].items():
+            if "ndcg10_reranker" not in row:
+                lines.append(f"| {depth} | {name} | {block['queries']} | | | | | {row['ms_per_query']:.0f} | "
+                             f"{row['speedup']:.2f} | |")
+                continue
+            lines.append(f"| {depth} | {name} | {block['queries']} | {row['ndcg10_reranker']:.3f} | "
+                         f"{row['ndcg10_pipeline']:.3f} | {row['ndcg_ratio']:.3f} | {row['top10_overlap']:.3f} | "
+                         f"{row['ms_per_query']:.0f} | {row['speedup']:.2f} | {row['mean_survivors']} |")
+    lines += ["", "Zero-shot (top-20, default pruning):", "",
+              "| dataset | queries | first stage | reranker alone | pipeline |", "|---|---|---|---|---|"]
+    for name, row in report["zero_shot"].items():
+        lines.append(f"| {name} | {row['queries']} | {row['first_stage_ndcg10']:.3f} | {row['reranker_ndcg10']:.3f} | "
+                     f"{row['pipeline_ndcg10']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    first = report["scifact"]["first_stage"]
+    ax.scatter([first["ms_per_query"]], [first["ndcg10"]], marker="*", s=150, color="black", label="first stage")
+    for (depth, block), color in zip([(d, b) for d, b in report["scifact"].items() if d != "first_stage"],
+                                     ["tab:blue", "tab:orange", "tab:green"]):
+        for name, row in block["settings"].items():
+            if "ndcg10_pipeline" in row:
+                marker = "o" if name.startswith("full") else "^"
+                ax.scatter(row["ms_per_query"], row["ndcg10_pipeline"], color=color, marker=marker)
+                ax.annotate(name.replace("prune ", ""), (row["ms_per_query"], row["ndcg10_pipeline"]), fontsize=6)
+        ax.scatter([], [], color=color, label=f"{depth} (o full, ^ pruned)")
+    ax.set_xscale("log")
+    ax.set_xlabel("rerank latency per query, ms (log)")
+    ax.set_ylabel("pipeline nDCG@10 (SciFact test)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
