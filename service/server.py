@@ -471,6 +471,16 @@ class Server:
             self.background.append(asyncio.create_task(self.consumer.run()))
         if self.sieve.redis is not None:
             self.background.append(asyncio.create_task(self._watch_redis()))
+        import torch
+
+        if torch.cuda.is_available():
+            self.background.append(asyncio.create_task(self._watch_gpu(torch)))
+
+    async def _watch_gpu(self, torch) -> None:
+        while True:
+            for device in range(torch.cuda.device_count()):
+                metrics.GPU_MEMORY_BYTES.labels(str(device)).set(torch.cuda.memory_allocated(device))
+            await asyncio.sleep(5)
 
     async def _follow_writer(self) -> None:
         while True:

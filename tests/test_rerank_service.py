@@ -1,0 +1,73 @@
+"""Reranking through the server: the Rerank RPC, retrieve -> fuse -> rerank, limits and defaults."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from sieve.v1 import sieve_pb2 as pb
+
+from conftest import corpus
+
+
+@pytest.fixture(scope="module")
+def adi(client):
+    docs = corpus("adi")
+    client.create_collection("adi", {"indexes": ["dense", "bm25"]})
+    client.upsert("adi", [docs[i:i + 41] for i in range(0, len(docs), 41)])
+    return docs
+
+
+def code_of(call):
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+def test_rerank_rpc_orders_callers_passages(client, adi):
+    target = adi[20]
+    passages = [(d.id, d.content) for d in adi[:30]]
+    response = client.rerank(target.title, passages, k=5)
+    assert len(response.results) == 5
+    assert response.results[0].id == target.id and response.results[0].index == 20
+    assert [r.score for r in response.results] == sorted((r.score for r in response.results), reverse=True)
+    everything = client.rerank(target.title, passages, options=pb.RerankOptions(prune=False))
+    assert len(everything.results) == 30 and list(everything.survivors) == [30]
+    assert everything.results[0].id == target.id
+
+
+def test_search_reranks_fused_candidates_with_early_pruning(client, adi):
+    target = adi[33]
+    request = {"rerank": pb.RerankOptions(enabled=True, candidates=40)}
+    response = client.search("adi", target.title, k=5, **request)
+    assert len(response.results) == 5 and response.results[0].id == target.id
+    assert "rerank" in response.timings_ms
+    survivors = list(response.survivors)
+    assert survivors[0] == 40 and survivors[-1] < 40 and min(survivors) >= 5
+    full = client.search("adi", target.title, k=5, rerank=pb.RerankOptions(enabled=True, candidates=40, prune=False))
+    assert list(full.survivors) == [40]
+    plain = client.search("adi", target.title, k=5)  # no measured run: the fused first stage
+    assert "rerank" not in plain.timings_ms and not plain.survivors
+    reason = client.describe("adi").stats.details["rerank"]["reason"]
+    assert "no measured run" in reason
+
+
+@pytest.mark.parametrize("request_fields, words", [
+    ({"query": " "}, "query is empty"),
+    ({"passages": []}, "no passages"),
+    ({"passages": [pb.Passage(id="x", text="a")] * 501}, "limit is 500"),
+    ({"passages": [pb.Passage(id="x", text="  ")]}, "is empty"),
+    ({"k": -1}, "k must be >= 0"),
+    ({"options": pb.RerankOptions(checkpoints=[0])}, "checkpoints"),
+    ({"options": pb.RerankOptions(margin=-1)}, "margin"),
+    ({"collection": "nowhere"}, "no collection"),
+])
+def test_rerank_rejects_bad_requests(client, adi, request_fields, words):
+    fields = {"query": "indexing", "passages": [pb.Passage(id="a", text="automatic indexing")], **request_fields}
+    request = pb.RerankRequest(**fields)
+    code, details = code_of(lambda: client.search_stub.Rerank(request, timeout=60))
+    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) and words in details
+
+
+def test_search_rerank_limits(client, adi):
+    code, details = code_of(lambda: client.search("adi", "indexing", rerank=pb.RerankOptions(enabled=True, candidates=900)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "1..500" in details
