@@ -17,8 +17,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if request_id.get():
-            entry["request_id"] = request_id.get()
+        if record.request_id != "-":
+            entry["request_id"] = record.request_id
         for key in ("rpc", "code", "duration_ms", "collection"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
@@ -27,12 +27,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def _with_request_id(record: logging.LogRecord) -> bool:
+    record.request_id = request_id.get() or "-"
+    return True
+
+
 def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
+    handler.addFilter(_with_request_id)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

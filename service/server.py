@@ -99,9 +99,8 @@ def rpc(method):
         elif isinstance(error, SieveError):
             code, message = status_of(error), str(error)
         else:
-            request_id = uuid.uuid4().hex[:12]
-            log.exception("internal error in %s (error id %s)", name, request_id)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error (error id {request_id})"
+            log.exception("internal error in %s", name)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id.get()})"
         metrics.REQUESTS.labels(name, code.name).inc()
         await context.abort(code, message)
 
@@ -330,6 +329,8 @@ class IngestServicer:
             finally:
                 sieve.pending_batches -= 1
             metrics.INGESTED.labels(collection.name).inc(len(docs))
+            log.info("%s: committed %d documents (%d pruned), generation %d", collection.name, result.upserted,
+                     result.pruned, result.generation)
             sieve.info(collection)
             yield pb.UpsertResponse(upserted=result.upserted, pruned=result.pruned, generation=result.generation)
 
@@ -337,6 +338,7 @@ class IngestServicer:
     async def Delete(self, request, context):
         collection = self.sieve.collection(request.collection)
         deleted, missing, generation = await asyncio.to_thread(collection.delete, list(request.ids))
+        log.info("%s: deleted %d documents, generation %d", collection.name, deleted, generation)
         self.sieve.info(collection)
         return pb.DeleteResponse(deleted=deleted, not_found=missing, generation=generation)
 
@@ -370,6 +372,7 @@ class CollectionServicer:
     async def CreateCollection(self, request, context):
         settings = CollectionSettings.from_dict(from_struct(request.settings))
         collection = await asyncio.to_thread(self._catalog().create, request.name, settings)
+        log.info("created collection %s", request.name)
         return self.sieve.info(collection)
 
     @rpc
@@ -385,6 +388,7 @@ class CollectionServicer:
     @rpc
     async def DropCollection(self, request, context):
         await asyncio.to_thread(self._catalog().drop, request.name)
+        log.info("dropped collection %s", request.name)
         metrics.forget_collection(request.name)
         return pb.DropCollectionResponse()
 
