@@ -169,13 +169,33 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(mannwhitneyu(positives, negatives).statistic / (len(positives) * len(negatives)))
 
 
+def synthetic_junk(text: str, rng: random.Random) -> str:
+    """A junk passage made from a real one: repetition, a fragment, shuffled words or gibberish.
+
+    The train labels only contrast real passages with each other; without these the classifier has
+    never seen junk and scores it as it pleases (it scored repetition above real passages)."""
+    words = text.split() or ["empty"]
+    kind = rng.randrange(4)
+    if kind == 0:
+        start = rng.randrange(len(words))
+        return " ".join(words[start:start + rng.randint(1, 4)] * rng.randint(5, 60))
+    if kind == 1:
+        return " ".join(words[:rng.randint(1, 3)])
+    if kind == 2:
+        return " ".join(rng.sample(words, len(words)))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return " ".join("".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(rng.randint(1, 80)))
+
+
 def train_quality(data_dir: str | Path, out_dir: str | Path, epochs: int = 3, batch_size: int = 32,
-                  lr: float = 3e-4, validation_share: float = 0.15, folds: int = 1, fold: int = 0,
+                  lr: float = 3e-4, validation_share: float = 0.15, junk_share: float = 0.1,
+                  folds: int = 1, fold: int = 0,
                   max_examples: int | None = None, threads: int = 1, seed: int = 0,
                   progress: bool = True) -> dict:
     """Train the query-independent quality classifier on a BEIR folder's train qrels.
 
-    Positives: passages judged relevant to any train query; negatives: every other passage. A random
+    Positives: passages judged relevant to any train query; negatives: every other passage, plus
+    `junk_share` (of the passages) synthetic junk, fresh each epoch (synthetic_junk). A random
     share of passages is held out to measure AUC. With folds > 1, passages whose position falls in
     `fold` are left out entirely (for scoring a corpus with a model that never saw it).
     """
@@ -192,18 +212,20 @@ def train_quality(data_dir: str | Path, out_dir: str | Path, epochs: int = 3, ba
     validation, train = ids[:int(len(ids) * validation_share)], ids[int(len(ids) * validation_share):]
     if max_examples:
         train = train[:max_examples]
-    examples = [(content(corpus[d]), float(d in positives)) for d in train]
-    n_positive = sum(label for _, label in examples)
+    passages = [(content(corpus[d]), float(d in positives)) for d in train]
+    n_positive = sum(label for _, label in passages)
+    n_junk = int(junk_share * len(passages))
     model = QualityModel()
     freeze_embeddings(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    steps = epochs * math.ceil(len(examples) / batch_size)
+    steps = epochs * math.ceil((len(passages) + n_junk) / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    pos_weight = torch.tensor((len(examples) - n_positive) / max(n_positive, 1))  # balance the classes
+    pos_weight = torch.tensor((len(passages) - n_positive) / max(n_positive, 1))  # balance the classes
     losses = []
     bar = tqdm(total=steps, desc="quality", disable=not progress, mininterval=10)
     for epoch in range(epochs):
+        examples = passages + [(synthetic_junk(text, rng), 0.0) for text, _ in rng.sample(passages, n_junk)]
         rng.shuffle(examples)
         for start in range(0, len(examples), batch_size):
             batch = examples[start:start + batch_size]
@@ -224,7 +246,8 @@ def train_quality(data_dir: str | Path, out_dir: str | Path, epochs: int = 3, ba
     config = {
         "base_model": "SPLADE-tiny BERT (cognition/model, 2 layers, 128-d); embeddings frozen, not stored",
         "max_tokens": QUALITY_TOKENS, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "steps": len(losses), "training_passages": len(examples), "positives": int(n_positive),
+        "steps": len(losses), "training_passages": len(passages), "positives": int(n_positive),
+        "synthetic_junk_per_epoch": n_junk,
         "validation_passages": len(validation),
         "validation_auc": _auc(labels, scores) if 0 < labels.sum() < len(labels) else None,
         "folds": folds, "fold": fold, "final_loss": float(np.mean(losses[-50:])) if losses else None,

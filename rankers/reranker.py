@@ -144,7 +144,12 @@ class Reranker:
             raise InvalidArgument("options must be a PruningOptions")
         if not options.prune:
             return
-        early = [c for c in (options.checkpoints or self.checkpoint_layers) if c < self.num_layers]
+        requested = options.checkpoints or self.checkpoint_layers
+        beyond = [c for c in requested if c > self.num_layers]
+        if beyond:
+            raise InvalidArgument(f"no trained score head at layer(s) {beyond}: this reranker has "
+                                  f"{self.num_layers} layers, with heads at {list(self.checkpoint_layers)}")
+        early = [c for c in requested if c < self.num_layers]
         if not early:
             raise InvalidArgument(f"this reranker has score heads only at its last layer ({self.num_layers}): "
                                   "early-layer pruning needs a trained head at each checkpoint layer; "

@@ -47,7 +47,10 @@ class ServerConfig:
             raw = os.environ.get(f"SIEVE_{field.name.upper()}")
             if raw is not None:
                 if isinstance(field.default, bool):
-                    values[field.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                    flag = raw.strip().lower()
+                    if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                        raise ValueError(f"SIEVE_{field.name.upper()}={raw!r} is not a boolean (true or false)")
+                    values[field.name] = flag in ("1", "true", "yes", "on")
                 else:
                     values[field.name] = type(field.default)(raw)
         values.update({name: value for name, value in overrides.items() if value is not None})

@@ -21,6 +21,8 @@ COLLECTION_DOCUMENTS = Gauge("sieve_collection_documents", "Live, searchable doc
 COLLECTION_DELETED = Gauge("sieve_collection_deleted", "Tombstones awaiting compaction", ["collection"])
 COLLECTION_PRUNED = Gauge("sieve_collection_pruned", "Passages dropped by quality pruning", ["collection"])
 COLLECTION_BYTES = Gauge("sieve_collection_bytes", "Bytes on disk", ["collection"])
+COLLECTION_GENERATION = Gauge("sieve_collection_generation", "Index generation served (replicas lag the writer)",
+                              ["collection"])
 COLLECTION_VECTORS = Gauge(
     "sieve_collection_vectors", "Stored vectors per index, before and after token pooling",
     ["collection", "index", "stage"])
@@ -42,6 +44,7 @@ def record_collection(name: str, stats: dict) -> None:
     COLLECTION_DELETED.labels(name).set(stats["deleted"])
     COLLECTION_PRUNED.labels(name).set(stats["pruned"])
     COLLECTION_BYTES.labels(name).set(stats["bytes_on_disk"])
+    COLLECTION_GENERATION.labels(name).set(stats["generation"])
     for index, details in stats["details"].items():
         for stage in ("raw", "stored"):
             key = f"vectors_{stage}" if f"vectors_{stage}" in details else "vectors"
@@ -50,7 +53,7 @@ def record_collection(name: str, stats: dict) -> None:
 
 
 def forget_collection(name: str) -> None:
-    for gauge in (COLLECTION_DOCUMENTS, COLLECTION_DELETED, COLLECTION_PRUNED, COLLECTION_BYTES):
+    for gauge in (COLLECTION_DOCUMENTS, COLLECTION_DELETED, COLLECTION_PRUNED, COLLECTION_BYTES, COLLECTION_GENERATION):
         gauge.remove(name)
     for labels in list(COLLECTION_VECTORS._metrics):  # labelled children of the dropped collection
         if labels[0] == name:

@@ -493,6 +493,8 @@ class Server:
                 await asyncio.to_thread(self.sieve.catalog.refresh)
             except Exception:  # a half-written generation reads next time
                 log.exception("refresh failed; serving the generation already loaded")
+            for name, collection in list(self.sieve.catalog.collections.items()):
+                metrics.COLLECTION_GENERATION.labels(name).set(collection.snapshot.generation)
 
     async def _watch_redis(self) -> None:
         """`sieve.redis` in the health service: NOT_SERVING while Redis is away (searches go on)."""

@@ -233,7 +233,8 @@ def test_alerts_select_the_jobs_that_prometheus_scrapes():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == set(JOBS.values())
     port = int(compose()["services"]["sieve"]["environment"]["SIEVE_METRICS_PORT"])
-    assert jobs["sieve"]["dns_sd_configs"] == [{"names": ["sieve"], "type": "A", "port": port, "refresh_interval": "15s"}]
+    (replicas,) = jobs["sieve"]["dns_sd_configs"]
+    assert (replicas["names"], replicas["type"], replicas["port"]) == (["sieve"], "A", port)
     assert jobs["sieve-writer"]["static_configs"] == [{"targets": [f"sieve-writer:{port}"]}]
     # Kubernetes: the component label of each Deployment becomes the job the rules expect.
     (pods,) = load_yaml(PROMETHEUS / "prometheus-kubernetes.yml")[0]["scrape_configs"]
@@ -303,7 +304,8 @@ def test_one_writer_and_read_only_replicas_share_the_volume():
     assert writer["spec"]["replicas"] == 1 and writer["spec"]["strategy"]["type"] == "Recreate"
     hpa = found[("HorizontalPodAutoscaler", "sieve")]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "sieve"}
-    assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"] and "cpu" in container(reader)["resources"]["requests"]
+    assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
+    assert "cpu" in container(reader)["resources"]["requests"]
     assert "replicas" not in reader["spec"], "the HPA owns the replica count"
     assert found[("PodDisruptionBudget", "sieve")]["spec"]["selector"]["matchLabels"] == \
         reader["spec"]["template"]["metadata"]["labels"]
@@ -313,7 +315,7 @@ def test_one_writer_and_read_only_replicas_share_the_volume():
         spec = found[("Service", service)]["spec"]
         assert spec["selector"] == pod_labels
         ports = {port["name"]: port["containerPort"] for port in container(deployment)["ports"]}
-        assert {(p["port"], p["targetPort"]) for p in spec["ports"]} == {(number, name) for name, number in ports.items()}
+        assert {(p["port"], p["targetPort"]) for p in spec["ports"]} == {(n, name) for name, n in ports.items()}
     assert found[("PersistentVolumeClaim", "sieve-data")]["spec"]["accessModes"] == ["ReadWriteMany"]
 
     def data_mount(deployment):
@@ -334,13 +336,19 @@ def test_k8s_settings_are_what_the_server_reads(monkeypatch):
         assert spec["securityContext"]["runAsNonRoot"] is True
         env = container(deployments()[role])["env"]
         assert {variable["name"] for variable in env} <= CONFIG_VARIABLES
-        assert all(variable["valueFrom"]["secretKeyRef"]["key"] in secret for variable in env if "valueFrom" in variable)
+        secret_keys = [variable["valueFrom"]["secretKeyRef"]["key"] for variable in env if "valueFrom" in variable]
+        assert secret_keys and set(secret_keys) <= set(secret)
         (secret_volume,) = [v["secret"] for v in spec["volumes"] if "secret" in v]
         assert all(item["key"] in secret for item in secret_volume["items"])
         assert container(deployments()[role])["resources"]["limits"]["memory"] == "4Gi"  # = MEMORY_LIMIT
         config = server_config(k8s_environment(role), monkeypatch)
         assert config.read_only is read_only and config.host == "0.0.0.0" and config.metrics_port == 9100
         assert config.redis_url and config.refresh_seconds == DEFAULTS.refresh_seconds
+
+
+def test_the_readme_lists_every_setting():
+    rows = re.findall(r"^\| (`SIEVE_.*?) \|", (DEPLOY / "README.md").read_text(), re.M)
+    assert set(re.findall(r"`(SIEVE_\w+)`", " ".join(rows))) == CONFIG_VARIABLES
 
 
 def key_of_scope(scope: str) -> str:
@@ -442,13 +450,13 @@ def cluster(tmp_path_factory):
     """A writer and a read replica as k8s/ configures them, on one data folder, Redis unreachable."""
     data = tmp_path_factory.mktemp("volume") / "data"
     local = {"SIEVE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "SIEVE_API_KEYS_FILE": str(API_KEYS_EXAMPLE),
-             "SIEVE_DRAIN_SECONDS": "2"}
+             "SIEVE_REDIS_PASSWORD": "unused", "SIEVE_DRAIN_SECONDS": "2"}
     processes = {}
     for role in ("writer", "reader"):
         environment = {name: value for name, value in k8s_environment(role).items()
                        if name not in ("SIEVE_DATA", "SIEVE_PORT", "SIEVE_HOST")}  # ServerProcess sets these
         environment.update(local, SIEVE_METRICS_PORT=str(free_port()))
-        processes[role] = ServerProcess(data, {**environment, "SIEVE_REDIS_PASSWORD": "unused"})
+        processes[role] = ServerProcess(data, environment)
     try:
         for process in processes.values():
             process.start()
