@@ -114,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--queries", default="20:300,50:120,100:60", help="depth:queries per depth (a prefix of the sorted test ids)")
+    parser.add_argument("--zero-shot", default="cranfield,cisi,medline")
     parser.add_argument("--zero-shot-queries", type=int, default=100)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -136,7 +137,7 @@ def main() -> None:
                                                         depth, limit, weight)
         print(f"scifact top{depth}", json.dumps(report["scifact"][f"top{depth}"], indent=1), flush=True)
 
-    for name in ("cranfield", "cisi", "medline"):
+    for name in filter(None, args.zero_shot.split(",")):
         corpus, queries, qrels, qids, candidates, latency = first_stage_run(name, 20)
         qids, candidates = qids[:args.zero_shot_queries], candidates[:args.zero_shot_queries]
         first, alone, fused = {}, {}, {}

@@ -191,6 +191,7 @@ class LayeredReranker(Reranker):
     def __init__(self, model: LayeredCrossEncoder, tokenizer, config: dict, device: str, dtype: torch.dtype):
         super().__init__(tokenizer, config.get("max_length", 256))
         self.model = model.to(device=device, dtype=dtype).eval()
+        self.model.heads.float()  # heads are tiny and read float32 features: no precision lost there
         self.device, self.dtype = device, dtype
         self.num_layers = model.num_layers
         self.checkpoint_layers = model.checkpoint_layers

@@ -1,4 +1,4 @@
-"""A cache of search responses shared by replicas, keyed by the index generation.
+"""Caches shared by replicas: search responses (keyed by index generation) and query encodings.
 
 The key holds the collection's generation, so a replica never reads results computed on a
 generation other than the one it serves: a commit changes the generation, which is the
@@ -7,6 +7,9 @@ invalidation, and the TTL removes what is left behind.
 from __future__ import annotations
 
 import hashlib
+import io
+
+import numpy as np
 
 from sieve.v1 import sieve_pb2 as pb
 
@@ -34,3 +37,27 @@ class ResultCache:
 
     async def put(self, key: str, response: pb.SearchResponse) -> None:
         await self.link.call("set", key, response.SerializeToString(), ex=self.ttl)
+
+
+class EncodingCache:
+    """Query encodings that are arrays (dense, multi-vector), stored as .npy bytes: no pickle from Redis."""
+
+    def __init__(self, link: RedisLink, ttl_seconds: int):
+        self.link = link
+        self.ttl = ttl_seconds
+
+    @staticmethod
+    def key(collection: str, retriever: str, text: str) -> str:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+        return f"sieve:encoding:{collection}:{retriever}:{digest}"
+
+    async def get(self, key: str) -> np.ndarray | None:
+        raw = await self.link.call("get", key)
+        metrics.CACHE_REQUESTS.labels("encoding", "hit" if raw else "miss").inc()
+        return np.load(io.BytesIO(raw), allow_pickle=False) if raw else None
+
+    async def put(self, key: str, array) -> None:
+        if isinstance(array, np.ndarray):
+            buffer = io.BytesIO()
+            np.save(buffer, array, allow_pickle=False)
+            await self.link.call("set", key, buffer.getvalue(), ex=self.ttl)

@@ -162,11 +162,12 @@ class Sieve:
         self.redis = None
         self.cache = None
         if config.redis_url:
-            from .cache import ResultCache
+            from .cache import EncodingCache, ResultCache
             from .redis_link import RedisLink
 
             self.redis = RedisLink(config.redis_url, config.redis_password)
             self.cache = ResultCache(self.redis, config.cache_ttl_seconds)
+            self.encodings = EncodingCache(self.redis, config.cache_ttl_seconds)
 
     def load(self) -> None:
         catalog = Catalog(self.config.data, read_only=self.config.read_only)
@@ -224,12 +225,20 @@ class Sieve:
         return result
 
     async def encode(self, collection, names, query: str) -> dict:
-        """Each retriever's representation of the query, batched with concurrent requests."""
-        def encoder(name):
-            return functools.partial(collection.encode_queries, name)
-        reps = await asyncio.gather(*(
-            self.batcher.submit((collection.name, name), encoder(name), query) for name in names))
-        return dict(zip(names, reps))
+        """Each retriever's representation of the query: from the shared cache, or batched with
+        concurrent requests."""
+        return dict(zip(names, await asyncio.gather(*(self._encode(collection, n, query) for n in names))))
+
+    async def _encode(self, collection, name: str, query: str):
+        cacheable = self.cache is not None and name in ("dense", "multivector")  # model outputs, not word counts
+        key = self.encodings.key(collection.name, name, query) if cacheable else None
+        if key is not None and (cached := await self.encodings.get(key)) is not None:
+            return cached
+        rep = await self.batcher.submit((collection.name, name), functools.partial(collection.encode_queries, name),
+                                        query)
+        if key is not None:
+            await self.encodings.put(key, rep)
+        return rep
 
 
 class SearchServicer:

@@ -119,13 +119,18 @@ def test_redis_outage_keeps_searches_and_resumes_queue(tmp_path, redis_server):
     server = ServerProcess(tmp_path / "data", env).start()
     try:
         with SieveClient(server.target) as client:
-            client.create_collection("c", {"indexes": ["bm25"]})
+            client.create_collection("c", {"indexes": ["bm25", "dense"], "retrievers": ["bm25"]})
             client.upsert("c", [docs[:10]])
             first = client.search("c", docs[3].title, k=3)
             again = client.search("c", docs[3].title, k=3)
             assert [h.id for h in again.results] == [h.id for h in first.results]
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{env['SIEVE_METRICS_PORT']}/metrics").read().decode()
             assert 'sieve_cache_requests_total{kind="result",result="hit"} 1.0' in metrics
+            # A new query of the same text for another k misses the result cache but reuses the encoding.
+            client.search("c", docs[3].title, k=4, retrievers=["dense"])
+            client.search("c", docs[3].title, k=5, retrievers=["dense"])
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{env['SIEVE_METRICS_PORT']}/metrics").read().decode()
+            assert 'sieve_cache_requests_total{kind="encoding",result="hit"} 1.0' in metrics
             # A write changes the generation, so the cached answer is not served again.
             client.upsert("c", [[Document(docs[3].id, "replaced: nothing left of the old title")]])
             assert docs[3].id not in [h.id for h in client.search("c", docs[3].title, k=3).results]
