@@ -1,6 +1,6 @@
 """Importance-aware indexing: quality pruning and learned term weights, in one run.
 
-    python bench/importance.py [--datasets scifact,cranfield,cisi,medline] [--dense-only]
+    python bench/importance.py [--datasets scifact,cranfield,cisi,medline] [--cache-only]
 
 For every dataset (SciFact test; the others zero-shot): BM25, learned impacts and MiniLM dense,
 alone and fused with RRF; and static pruning at 0/10/25/40% by each quality estimator, with
@@ -91,8 +91,9 @@ def dense_embeddings(name: str, texts: list[str]) -> tuple[np.ndarray, float]:
 
 
 def artifact_tag(directory: str = "") -> str:
-    path = Path(directory or TERM_WEIGHTS_ARTIFACT) / "model.safetensors"
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+    directory = Path(directory or TERM_WEIGHTS_ARTIFACT)
+    tf_floor = json.loads((directory / "config.json").read_text()).get("tf_floor", 0.0)
+    return hashlib.sha1((directory / "model.safetensors").read_bytes() + str(tf_floor).encode()).hexdigest()[:10]
 
 
 class Dataset:
@@ -323,18 +324,15 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="scifact,cranfield,cisi,medline")
-    parser.add_argument("--dense-only", action="store_true", help="only fill the dense-embedding cache")
+    parser.add_argument("--cache-only", action="store_true", help="only fill the embedding and impact caches")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--term-weights", default="", help="a term-weight artifact folder (default: the shipped one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = CollectionSettings(indexes=("bm25", "impact"), term_weights=args.term_weights)
-    if args.dense_only:
+    if args.cache_only:
         for name in args.datasets.split(","):
-            docs, queries, _ = load(name)
-            encoder = load_encoder("")
-            dense_embeddings(name, [d.content for d in docs])
-            cached(CACHE / f"{name}.queries", lambda: encoder.embed(list(queries.values())))
+            Dataset(name, settings)
         return
     started = time.time()
     results = {name: evaluate(name, settings) for name in args.datasets.split(",")}

@@ -63,6 +63,8 @@ def cached_tokens(path: Path, texts: list[str], retriever: MultiVectorRetriever,
 
 
 def cached_pooled(path: Path, tokens: list[np.ndarray], retriever: MultiVectorRetriever) -> TokenBatch:
+    if retriever.settings.pool_factor == 1:  # nothing to cache: the raw tokens are the batch
+        return retriever.pool(tokens)
     if not path.exists():
         batch = retriever.pool(tokens, progress=True)
         tmp = path.with_suffix(".tmp.npz")

@@ -169,6 +169,11 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(mannwhitneyu(positives, negatives).statistic / (len(positives) * len(negatives)))
 
 
+@functools.lru_cache(maxsize=1)
+def _vocabulary() -> list[str]:
+    return sorted(w for w in load_tokenizer().get_vocab() if w.isalpha() and len(w) > 2)
+
+
 def synthetic_junk(text: str, rng: random.Random) -> str:
     """A junk passage made from a real one: repetition, a fragment, shuffled words or gibberish.
 
@@ -176,9 +181,10 @@ def synthetic_junk(text: str, rng: random.Random) -> str:
     never seen junk and scores it as it pleases (it scored repetition above real passages)."""
     words = text.split() or ["empty"]
     kind = rng.randrange(4)
-    if kind == 0:
+    if kind == 0:  # a phrase of the passage, or of any English word pieces, over and over
         start = rng.randrange(len(words))
-        return " ".join(words[start:start + rng.randint(1, 4)] * rng.randint(5, 60))
+        phrase = words[start:start + rng.randint(1, 4)] if rng.random() < 0.5 else rng.sample(_vocabulary(), rng.randint(1, 4))
+        return " ".join(phrase * rng.randint(5, 60))
     if kind == 1:
         return " ".join(words[:rng.randint(1, 3)])
     if kind == 2:
@@ -188,7 +194,7 @@ def synthetic_junk(text: str, rng: random.Random) -> str:
 
 
 def train_quality(data_dir: str | Path, out_dir: str | Path, epochs: int = 3, batch_size: int = 32,
-                  lr: float = 3e-4, validation_share: float = 0.15, junk_share: float = 0.1,
+                  lr: float = 3e-4, validation_share: float = 0.15, junk_share: float = 0.2,
                   folds: int = 1, fold: int = 0,
                   max_examples: int | None = None, threads: int = 1, seed: int = 0,
                   progress: bool = True) -> dict:

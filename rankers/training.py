@@ -174,7 +174,7 @@ def save_artifact(model, out: Path, config: dict) -> None:
 
 
 def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: int = 30, k: int = 10,
-              quantiles=(0.8, 0.9, 0.95, 1.0)) -> dict:
+              quantiles=(0.8, 0.9, 0.95, 1.0), dev_queries: int = 100) -> dict:
     """On held-out SciFact train queries: per-layer pruning margins and the first-stage fusion weight.
 
     A layer's margin at quantile q is how far below that layer's k-th best score the final top-k can
@@ -186,6 +186,7 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
 
     _, queries, qrels = read_beir(SCIFACT, "train")
     _, dev = split_train_queries()
+    dev = dev[:dev_queries]
     candidates = first_stage.search([queries[q] for q in dev], depth)
     needed = {layer: [] for layer in model.checkpoint_layers[:-1]}
     final_scores = []
@@ -208,7 +209,7 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
         for q, cands, scores in zip(dev, candidates, final_scores):
             fused = weighted_scores({"reranker": list(zip(cands.ids, scores)), "first": list(zip(cands.ids, cands.rrf))},
                                     {"reranker": float(weight), "first": float(1 - weight)})
-            run += [ir_measures.ScoredDoc(q, d, s) for d, s in fused]
+            run += [ir_measures.ScoredDoc(q, d, float(s)) for d, s in fused]
         by_weight[float(weight)] = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], qrel_list, run)[ir_measures.nDCG @ 10]
     return {"margin_quantiles": margins, "dev_ndcg10_by_fusion_weight": by_weight,
             "fusion_weight": max(by_weight, key=by_weight.get), "dev_queries": len(dev), "dev_depth": depth}
@@ -222,9 +223,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--titles", type=int, default=3000)
     parser.add_argument("--sentences", type=int, default=3000)
+    parser.add_argument("--calibrate-only", action="store_true", help="recalibrate the artifact at --out")
+    parser.add_argument("--dev-queries", type=int, default=100)
+    parser.add_argument("--dev-depth", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from .reranker import base_model
+    from .reranker import base_model, load_artifact
+
+    if args.calibrate_only:
+        corpus, _, _ = read_beir(SCIFACT, "train")
+        reranker = load_artifact(args.out, "cpu", torch.bfloat16)
+        config = json.loads((args.out / "config.json").read_text())
+        calibration = calibrate(reranker.model, reranker.tokenizer, FirstStage(corpus, cache=CACHE / "scifact_dense.npy"),
+                                corpus, depth=args.dev_depth, dev_queries=args.dev_queries)
+        config.update(calibration, margins=calibration["margin_quantiles"]["0.95"],
+                      fusion_weight=calibration["fusion_weight"])
+        (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        print(json.dumps(calibration))
+        return
 
     corpus, _, _ = read_beir(SCIFACT, "train")
     first_stage = FirstStage(corpus, cache=CACHE / "scifact_dense.npy")

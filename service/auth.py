@@ -47,12 +47,9 @@ def _refusal(handler, code: grpc.StatusCode, message: str):
     async def refuse(request, context):
         await context.abort(code, message)
 
-    kind = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
+    from .server import handler_kind
+
+    kind = handler_kind(handler.request_streaming, handler.response_streaming)
     return kind(refuse, request_deserializer=None, response_serializer=None)
 
 

@@ -241,10 +241,12 @@ class Sieve:
         return rep
 
 
-class SearchServicer:
+class Servicer:
     def __init__(self, sieve: Sieve):
         self.sieve = sieve
 
+
+class SearchServicer(Servicer):
     @rpc
     async def Search(self, request, context):
         sieve = self.sieve
@@ -316,10 +318,7 @@ class SearchServicer:
         return response
 
 
-class IngestServicer:
-    def __init__(self, sieve: Sieve):
-        self.sieve = sieve
-
+class IngestServicer(Servicer):
     @rpc
     async def Upsert(self, request_iterator, context):
         sieve = self.sieve
@@ -368,10 +367,7 @@ class IngestServicer:
         return pb.UpsertResponse(upserted=result.upserted, generation=result.generation)
 
 
-class CollectionServicer:
-    def __init__(self, sieve: Sieve):
-        self.sieve = sieve
-
+class CollectionServicer(Servicer):
     def _catalog(self) -> Catalog:
         if self.sieve.catalog is None:
             raise Unavailable("the server is still loading its collections; retry shortly")
@@ -408,18 +404,23 @@ class CollectionServicer:
         return self.sieve.info(collection)
 
 
+def handler_kind(request_streaming: bool, response_streaming: bool):
+    """The grpc factory for a method handler of this streaming shape."""
+    return {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+    }[(request_streaming, response_streaming)]
+
+
 def _handlers(service: str, servicer) -> grpc.GenericRpcHandler:
     """Method handlers built from the proto descriptor, with a decoder that reports bad bytes."""
     descriptor = pb.DESCRIPTOR.services_by_name[service]
     handlers = {}
     for method in descriptor.methods:
         request_cls = getattr(pb, method.input_type.name)
-        kind = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-        }[(method.client_streaming, method.server_streaming)]
+        kind = handler_kind(method.client_streaming, method.server_streaming)
         handlers[method.name] = kind(
             getattr(servicer, method.name),
             request_deserializer=_lenient(request_cls.FromString),
