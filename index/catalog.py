@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from .collection import Collection
-from .errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly
+from .errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly, SieveError
 from .settings import CollectionSettings
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Catalog:
                 else:
                     self.collections[directory.name] = Collection.open(directory, self.read_only)
                 self.broken.pop(directory.name, None)
-            except CorruptIndex as error:
+            except SieveError as error:  # damaged files, or settings this version cannot honour
                 log.error("collection %s cannot be opened: %s", directory.name, error)
                 self.broken[directory.name] = str(error)
         for name in set(self.collections) - present:

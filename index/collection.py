@@ -74,7 +74,8 @@ class Segment:
             self._docs = open(directory / "docs.jsonl", "rb")
             if len(self.ids) != len(self.offsets) - 1 or self.offsets[-1] != os.fstat(self._docs.fileno()).st_size:
                 raise CorruptIndex(f"{directory / 'docs.jsonl'}: size does not match its offsets (truncated?)")
-            self.parts = {name: r.open(directory) for name, r in retrievers.items()}
+            # A segment whose every passage was pruned has no index parts, only stored documents.
+            self.parts = {name: r.open(directory) for name, r in retrievers.items()} if self.indexed else {}
         except CorruptIndex:
             raise
         except Exception as error:  # any unreadable file names itself in the message
@@ -107,8 +108,9 @@ class Segment:
         (directory / "ids.json").write_text(json.dumps([doc.id for doc in docs]))
         if quality is not None:
             np.save(directory / "quality.npy", quality.astype("float32"))
-        for name, retriever in retrievers.items():
-            retriever.write(directory, encoded[name])
+        if indexed:
+            for name, retriever in retrievers.items():
+                retriever.write(directory, encoded[name])
         files = {path.name: path.stat().st_size for path in directory.iterdir()}
         (directory / "meta.json").write_text(json.dumps({"indexed": indexed, "documents": len(docs), "files": files}))
         for path in directory.iterdir():
@@ -126,11 +128,16 @@ class Snapshot:
     deleted: tuple[np.ndarray, ...]  # sorted deleted rows, per segment
     id_map: dict[str, tuple[int, int]]  # external id -> (segment position, row), live only
 
+    @property
+    def searchable(self) -> list[int]:
+        """Positions of the segments that have index parts (not every passage pruned)."""
+        return [i for i, s in enumerate(self.segments) if s.indexed]
+
     def parts(self, name: str) -> list:
-        return [s.parts[name] for s in self.segments]
+        return [self.segments[i].parts[name] for i in self.searchable]
 
     def searchable_deleted(self) -> list[np.ndarray]:
-        return [d[d < s.indexed] for s, d in zip(self.segments, self.deleted)]
+        return [self.deleted[i][self.deleted[i] < self.segments[i].indexed] for i in self.searchable]
 
     @property
     def live_indexed(self) -> int:
@@ -181,6 +188,7 @@ class Collection:
     # Opening and committing --------------------------------------------------------------------
     @classmethod
     def create(cls, directory: Path, settings: CollectionSettings) -> "Collection":
+        make_retrievers(settings)  # a setting no retriever accepts (a missing artifact) fails before any file
         directory.mkdir(parents=True)
         (directory / "segments").mkdir()
         _write_atomically(directory / "settings.json", json.dumps(settings.to_dict(), indent=2).encode())
@@ -355,9 +363,10 @@ class Collection:
             indexed = len(documents)
             documents += [s.document(int(r)) for s, rows in zip(snapshot.segments, pruned_rows) for r in rows]
             encoded = {
-                name: r.concat([r.take(s.parts[name], rows) for s, rows in zip(snapshot.segments, kept_rows)])
+                name: r.concat([r.take(s.parts[name], rows)
+                                for s, rows in zip(snapshot.segments, kept_rows) if len(rows)])
                 for name, r in self.retrievers.items()
-            }
+            } if indexed else {}
             quality = None
             if any(s.quality is not None for s in snapshot.segments):
                 def scores(s, rows):
@@ -396,10 +405,11 @@ class Collection:
         timings: dict[str, float] = {}
         rankings = {}
         depth = k if len(queries) == 1 else max(k, FUSION_DEPTH)
+        searchable = snapshot.searchable
         for name, query in queries.items():
             start = time.perf_counter()
             hits = self.retrievers[name].search(snapshot.parts(name), deleted, query, depth)
-            rankings[name] = [((h.segment, h.row), h.score) for h in hits]
+            rankings[name] = [((searchable[h.segment], h.row), h.score) for h in hits]
             timings[name] = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         if len(rankings) == 1:

@@ -193,7 +193,7 @@ def synthetic_junk(text: str, rng: random.Random) -> str:
     return " ".join("".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(rng.randint(1, 80)))
 
 
-def train_quality(data_dir: str | Path, out_dir: str | Path, epochs: int = 3, batch_size: int = 32,
+def train_quality(data_dir: str | Path, out_dir: str | Path, epochs: int = 2, batch_size: int = 32,
                   lr: float = 3e-4, validation_share: float = 0.15, junk_share: float = 0.2,
                   folds: int = 1, fold: int = 0,
                   max_examples: int | None = None, threads: int = 1, seed: int = 0,

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -178,7 +179,7 @@ class TermWeightModel:
         self.model = TermWeighter()
         self.config = load_artifact(self.model, directory, "term_weights")
         self.model.eval()
-        self.lock = __import__("threading").Lock()
+        self.lock = threading.Lock()  # one forward pass at a time is fastest on few cores
 
     def weights(self, texts: list[str], batch_size: int = 32) -> list[dict[str, float]]:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad little
@@ -245,7 +246,7 @@ def training_examples(corpus: dict, queries: dict, qrels: dict, query_ids: list[
     return examples
 
 
-def train_term_weights(data_dir: str | Path, out_dir: str | Path, epochs: int = 3, batch_size: int = 16,
+def train_term_weights(data_dir: str | Path, out_dir: str | Path, epochs: int = 2, batch_size: int = 16,
                        lr: float = 3e-4, max_tokens: int = 256, validation_share: float = 0.15,
                        max_examples: int | None = None, threads: int = 1, seed: int = 0,
                        progress: bool = True) -> dict:

@@ -128,3 +128,24 @@ def test_odd_passages_are_indexed(tmp_path):
     assert collection.upsert(docs).upserted == 5
     assert search_ids(collection, "信息检索", names=("dense",))[0] == "zh"
     assert search_ids(collection, "Brücke", names=("bm25",))[0] == "de"
+
+
+def test_a_batch_pruned_whole_is_stored_listed_and_reinstated(tmp_path, adi):
+    settings = CollectionSettings(indexes=("bm25",), quality_estimator="unique_terms", prune_threshold=1e9)
+    collection = Collection.create(tmp_path / "c", settings)
+    collection.upsert(adi[:10], prune=False)
+    result = collection.upsert(adi[10:20])
+    assert (result.upserted, result.pruned) == (0, 10)
+    assert {doc_id for doc_id, _ in collection.pruned()} == {d.id for d in adi[10:20]}
+    assert adi[12].id not in search_ids(collection, adi[12].title, k=20, names=("bm25",))
+    collection.reinstate([adi[12].id])
+    assert search_ids(collection, adi[12].title, k=1, names=("bm25",)) == [adi[12].id]
+    collection.compact()
+    assert collection.stats()["pruned"] == 9 and collection.stats()["documents"] == 11
+
+
+def test_unusable_settings_leave_no_collection_behind(tmp_path):
+    catalog = Catalog(tmp_path)
+    with pytest.raises(InvalidArgument, match="no-such-artifact"):
+        catalog.create("c", CollectionSettings(indexes=("impact",), term_weights=str(tmp_path / "no-such-artifact")))
+    assert not (tmp_path / "c").exists() and Catalog(tmp_path).names() == []
