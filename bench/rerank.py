@@ -28,9 +28,10 @@ RESULTS = Path(__file__).parent / "results"
 CACHE = Path("/work/cache/reranker")
 SETTINGS = {  # name -> options; margins are per-layer calibrated unless a number is given
     "full (no pruning)": PruningOptions(prune=False),
-    "prune @2,4": PruningOptions(checkpoints=(2, 4)),
-    "prune @1,2,3,4,5": PruningOptions(checkpoints=(1, 2, 3, 4, 5)),
-    "prune @1,3": PruningOptions(checkpoints=(1, 3)),
+    "prune @1-5 calibrated": PruningOptions(checkpoints=(1, 2, 3, 4, 5)),
+    "prune @2,4 margin 1": PruningOptions(checkpoints=(2, 4), margin=1.0),
+    "prune @1,2,3 margin 1": PruningOptions(checkpoints=(1, 2, 3), margin=1.0),
+    "prune @1,2 margin 0.5": PruningOptions(checkpoints=(1, 2), margin=0.5),
 }
 
 

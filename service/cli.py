@@ -193,7 +193,7 @@ def cmd_evaluate(args) -> int:
 
     from sieve.index.beir import evaluate, load_judged_queries
     from sieve.index.collection import Collection
-    from sieve.rankers import PruningOptions, load_reranker
+    from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
 
     from .reranking import record_evaluation
 
@@ -209,7 +209,10 @@ def cmd_evaluate(args) -> int:
         first_stage[qid] = {h.id: h.score for h in hits}
         top = hits[:args.candidates]
         result = reranker.rerank(text, [h.document.content for h in top], 10, options)
-        reranked[qid] = {top[i].id: 1000.0 + s for i, s in zip(result.order, result.scores)}
+        ranked = list(zip(result.order, result.scores))
+        if getattr(reranker, "fusion_weight", None) is not None:  # as the server ranks them
+            ranked = fuse_with_first_stage(result, [h.score for h in top], reranker.fusion_weight)
+        reranked[qid] = {top[i].id: 1000.0 + s for i, s in ranked}
         reranked[qid].update({h.id: h.score for h in hits[args.candidates:]})  # below every reranked one
     before, after = evaluate(first_stage, qrels), evaluate(reranked, qrels)
     figures = {"queries": len(queries), "split": args.split, "candidates": args.candidates,

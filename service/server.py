@@ -213,16 +213,22 @@ class Sieve:
             raise InvalidArgument(f"k must be within 1..{self.config.max_k}, not {k}")
         return k
 
-    async def rerank(self, model: str, query: str, passages: list[str], k: int, options):
-        """Rerank through the batcher, so that concurrent requests share forward passes."""
-        from sieve.rankers import load_reranker
+    async def rerank(self, model: str, query: str, passages: list[str], k: int, options,
+                     first_stage: list[float] | None = None) -> tuple[list[tuple[int, float]], list[int]]:
+        """([(passage index, score)] best first, survivors per checkpoint). Runs through the batcher, so
+        that concurrent requests share forward passes; with first-stage scores, and a reranker
+        calibrated to mix them in, the two are interpolated."""
+        from sieve.rankers import fuse_with_first_stage, load_reranker
 
         reranker = await asyncio.to_thread(load_reranker, model)
         result = await self.batcher.submit(("rerank", model), reranker.rerank_many, (query, passages, k, options))
         checkpoints = [0, *(options.checkpoints or getattr(reranker, "default_checkpoints", ()))]
         for layer, alive in zip(checkpoints, result.survivors):
             metrics.RERANK_SURVIVORS.labels(str(layer)).observe(alive)
-        return result
+        weight = getattr(reranker, "fusion_weight", None)
+        if first_stage is not None and weight is not None:
+            return fuse_with_first_stage(result, first_stage, weight), result.survivors
+        return list(zip(result.order, result.scores)), result.survivors
 
     async def encode(self, collection, names, query: str) -> dict:
         """Each retriever's representation of the query: from the shared cache, or batched with
@@ -275,10 +281,11 @@ class SearchServicer(Servicer):
                 start = time.perf_counter()
                 options = pruning_options(request.rerank, collection.settings)
                 passages = [hit.document.content for hit in result.hits]
-                reranked = await sieve.rerank(collection.settings.reranker, request.query, passages, k, options)
-                result.hits = [replace(result.hits[i], score=score) for i, score in zip(reranked.order, reranked.scores)]
+                ranked, survivors = await sieve.rerank(collection.settings.reranker, request.query, passages, k,
+                                                       options, first_stage=[hit.score for hit in result.hits])
+                result.hits = [replace(result.hits[i], score=score) for i, score in ranked]
                 timings["rerank"] = (time.perf_counter() - start) * 1000
-                response.survivors.extend(reranked.survivors)
+                response.survivors.extend(survivors)
         for stage, ms in timings.items():
             metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
         response.timings_ms.update(timings)
@@ -311,9 +318,10 @@ class SearchServicer(Servicer):
                                       f"{sieve.config.max_document_chars} characters")
         k = min(request.k or len(request.passages), len(request.passages))
         options = pruning_options(request.options, settings)
-        result = await sieve.rerank(settings.reranker, request.query, [p.text for p in request.passages], k, options)
-        response = pb.RerankResponse(survivors=result.survivors)
-        for index, score in list(zip(result.order, result.scores))[:k]:
+        ranked, survivors = await sieve.rerank(settings.reranker, request.query, [p.text for p in request.passages],
+                                               k, options)
+        response = pb.RerankResponse(survivors=survivors)
+        for index, score in ranked[:k]:
             response.results.add(id=request.passages[index].id, score=score, index=index)
         return response
 

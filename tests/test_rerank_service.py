@@ -6,7 +6,7 @@ import pytest
 
 from sieve.v1 import sieve_pb2 as pb
 
-from conftest import corpus
+from conftest import corpus, dataset
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,19 @@ def test_rerank_rejects_bad_requests(client, adi, request_fields, words):
 def test_search_rerank_limits(client, adi):
     code, details = code_of(lambda: client.search("adi", "indexing", rerank=pb.RerankOptions(enabled=True, candidates=900)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "1..500" in details
+
+
+def test_evaluate_measures_and_sets_the_default(server, client, adi):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "sieve.service.cli", "evaluate", "--data", str(server.data),
+                          "--collection", "adi", "--queries", str(dataset("adi")), "--candidates", "10"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "reranking is ON" in run.stdout or "reranking is OFF" in run.stdout
+    details = client.describe("adi").stats.details["rerank"]
+    assert "35 judged queries" in details["reason"]
+    assert details["default"] == ("reranking is ON" in run.stdout)
+    plain = client.search("adi", adi[5].title, k=3)
+    assert ("rerank" in plain.timings_ms) == details["default"]
