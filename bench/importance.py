@@ -8,7 +8,7 @@ nDCG@10, a paired t-test over per-query nDCG@10 against the unpruned index, inde
 index size. On SciFact the supervised estimator is cross-fitted: each half of the corpus is scored
 by a model trained on the other half's train labels (it never saw a passage it scores; the shipped
 model is trained on all of them). Dense embeddings and per-passage encoding times are cached under
-/work/cache/importance/, so reruns are cheap. Writes bench/results/importance.{json,md,png}.
+$SIEVE_CACHE/importance/ (default ~/.cache/sieve), so reruns are cheap. Writes bench/results/importance.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from sieve.index.quality import score_passages, supervised
 from sieve.index.settings import CollectionSettings
 from sieve.index.term_weights import TERM_WEIGHTS_ARTIFACT, read_beir
 
-DATA = Path("/work/shared/datasets")
-CACHE = Path("/work/cache/importance")
-SHARED_DENSE = Path("/work/cache/reranker")
+DATA = Path(os.environ.get("SIEVE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+CACHE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "importance"
+SHARED_DENSE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "reranker"
 RESULTS = Path(__file__).parent / "results"
 ESTIMATORS = ("unique_terms", "lm_divergence", "embedding_norm", "supervised", "random")  # random: the floor
 PRUNE_RATIOS = (0.0, 0.10, 0.25, 0.40)
@@ -75,7 +75,7 @@ def dense_embeddings(name: str, texts: list[str]) -> tuple[np.ndarray, float]:
     """MiniLM passage embeddings, and the seconds encoding all of them takes.
 
     The reranker helper caches the same embeddings (same model, same passage text and order) under
-    /work/cache/reranker/; those are reused, and the encoding time is measured on a sample."""
+    $SIEVE_CACHE/reranker/; those are reused, and the encoding time is measured on a sample."""
     encoder = load_encoder("")
     shared = SHARED_DENSE / f"{name}_dense.npy"
     if shared.exists() and not Path(f"{CACHE / name}.dense.npy").exists():

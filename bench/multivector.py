@@ -27,24 +27,14 @@ import torch
 from ir_measures import R, nDCG
 from tqdm.auto import tqdm
 
+from sieve.index.beir import load_judged_queries
+from sieve.index.documents import Document, read_jsonl
 from sieve.index.multivector import MultiVectorRetriever, TokenBatch
 from sieve.index.settings import CollectionSettings
 
-DATASETS = Path("/work/shared/datasets")
+DATASETS = Path(os.environ.get("SIEVE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 RESULTS = Path(__file__).parent / "results"
 ENCODE_CHUNK = 128
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.open() if line.strip()]
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    qrels: dict[str, dict[str, int]] = {}
-    for line in path.read_text().splitlines()[1:]:
-        query, doc, relevance = line.split("\t")
-        qrels.setdefault(query, {})[doc] = int(relevance)
-    return qrels
 
 
 def cached_tokens(path: Path, texts: list[str], retriever: MultiVectorRetriever, what: str) -> list[np.ndarray]:
@@ -76,11 +66,11 @@ def cached_pooled(path: Path, tokens: list[np.ndarray], retriever: MultiVectorRe
 
 def evaluate(dataset: str, factors: list[int], compressions: list[str], cache: Path, scratch: Path) -> list[dict]:
     folder = DATASETS / dataset
-    corpus = read_jsonl(folder / "corpus.jsonl")
-    qrels = read_qrels(folder / "qrels" / "test.tsv")
-    queries = [q for q in read_jsonl(folder / "queries.jsonl") if q["_id"] in qrels]
-    doc_ids = [d["_id"] for d in corpus]
-    texts = [f"{d['title']}\n{d['text']}" if d.get("title") else d.get("text", "") for d in corpus]
+    corpus = [d for d in read_jsonl(folder / "corpus.jsonl") if isinstance(d, Document)]
+    judged, qrels = load_judged_queries(folder)
+    queries = [{"_id": qid, "text": text} for qid, text in judged.items()]
+    doc_ids = [d.id for d in corpus]
+    texts = [d.content for d in corpus]
 
     base = MultiVectorRetriever(CollectionSettings())
     tag = f"{dataset}-minilm-{base.settings.max_tokens}"
@@ -174,7 +164,7 @@ def main() -> None:
     parser.add_argument("--factors", default="1,2,3,4")
     parser.add_argument("--others", default="cranfield,cisi,medline", help="datasets run at factors 1 and 4")
     parser.add_argument("--compressions", default="none,residual")
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/mv"))
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "mv")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "multivector")
     args = parser.parse_args()

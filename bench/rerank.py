@@ -14,6 +14,7 @@ import argparse
 import json
 import tempfile
 import time
+import os
 from pathlib import Path
 
 import ir_measures
@@ -25,7 +26,7 @@ from sieve.rankers.first_stage import DATASETS, FirstStage, passage_text, read_b
 
 NDCG = ir_measures.nDCG @ 10
 RESULTS = Path(__file__).parent / "results"
-CACHE = Path("/work/cache/reranker")
+CACHE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "reranker"
 SETTINGS = {  # name -> options; margins are per-layer calibrated unless a number is given
     "full (no pruning)": PruningOptions(prune=False),
     "prune @1-5 calibrated": PruningOptions(checkpoints=(1, 2, 3, 4, 5)),

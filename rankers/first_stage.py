@@ -17,7 +17,7 @@ import Stemmer
 
 from sieve.index.encoders import load_encoder
 
-DATASETS = Path(os.environ.get("SIEVE_DATASETS", "/work/shared/datasets"))
+DATASETS = Path(os.environ.get("SIEVE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 SCIFACT_DIR = DATASETS / "scifact"
 
 

@@ -21,6 +21,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from .first_stage import SCIFACT_DIR as SCIFACT, FirstStage, passage_text, read_beir
 
-CACHE = Path("/work/cache/reranker")
+CACHE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "reranker"
 
 
 @dataclass

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from itertools import islice
 from pathlib import Path
 
 DEFAULT_SERVER = os.environ.get("SIEVE_SERVER", "127.0.0.1:50051")

@@ -1,7 +1,6 @@
 """The learned-impact index: a real Collection with BM25 and impacts on a SciFact slice."""
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +11,9 @@ from sieve.index.lexical import analyze
 from sieve.index.settings import CollectionSettings
 from sieve.index.term_weights import term_weight_model
 
-SCIFACT = Path("/work/shared/datasets/scifact")
+from conftest import DATASETS
+
+SCIFACT = DATASETS / "scifact"
 
 
 @pytest.fixture(scope="module")

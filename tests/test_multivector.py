@@ -2,7 +2,6 @@
 MaxSim finds the right documents, and deletes and compaction behave, on the real ADI collection."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import faiss
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from ir_measures import nDCG
 
+from sieve.index.beir import load_judged_queries
 from sieve.index.collection import Collection
 from sieve.index.documents import Document
 from sieve.index.errors import InvalidArgument
@@ -18,19 +18,10 @@ from sieve.index.multivector import MAX_CODE_BYTES, MultiVectorRetriever, TokenB
 from sieve.index.pooling import pool_documents, pool_tokens
 from sieve.index.settings import CollectionSettings
 
-ADI = Path("/work/shared/datasets/adi")
+from conftest import DATASETS
+from conftest import corpus as load_corpus
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.open() if line.strip()]
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    qrels: dict[str, dict[str, int]] = {}
-    for line in path.read_text().splitlines()[1:]:
-        query, doc, relevance = line.split("\t")
-        qrels.setdefault(query, {})[doc] = int(relevance)
-    return qrels
+ADI = DATASETS / "adi"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +35,7 @@ def one_faiss_thread():
 
 @pytest.fixture(scope="module")
 def corpus() -> list[Document]:
-    return [Document.from_json(obj) for obj in read_jsonl(ADI / "corpus.jsonl")]
+    return load_corpus("adi")
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +66,11 @@ def adi_index(tmp_path_factory, tokens):
 
 
 def run_queries(retriever, part, k=10) -> dict[str, dict[str, float]]:
-    queries = read_jsonl(ADI / "queries.jsonl")
-    vectors = retriever.encode_queries([q["text"] for q in queries])
-    ids = [d["_id"] for d in read_jsonl(ADI / "corpus.jsonl")]
-    return {q["_id"]: {ids[h.row]: h.score for h in retriever.search([part], [np.zeros(0, "int64")], v, k)}
-            for q, v in zip(queries, vectors)}
+    queries, _ = load_judged_queries(ADI)
+    vectors = retriever.encode_queries(list(queries.values()))
+    ids = [d.id for d in load_corpus("adi")]
+    return {qid: {ids[h.row]: h.score for h in retriever.search([part], [np.zeros(0, "int64")], v, k)}
+            for qid, v in zip(queries, vectors)}
 
 
 # Pooling ------------------------------------------------------------------------------------------
@@ -136,7 +127,7 @@ def test_compressed_vectors_fit_the_byte_budget(adi_index):
 
 
 def test_maxsim_finds_relevant_documents_on_adi(adi_index):
-    qrels = read_qrels(ADI / "qrels" / "test.tsv")
+    _, qrels = load_judged_queries(ADI)
     scores = {}
     for compression in ("none", "residual"):
         retriever, part = adi_index(2, compression)

@@ -1,7 +1,6 @@
 """Production operation with real parts: redis-server, TLS, API keys, replicas, crashes, load."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from sieve.index.documents import Document
 from sieve.service.client import SieveClient
 from sieve.service.process import ServerProcess, free_port
 
-from conftest import corpus, dataset
+from conftest import corpus
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 

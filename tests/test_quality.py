@@ -1,6 +1,5 @@
 """Passage-quality estimators and static pruning, on ADI and a SciFact slice with real models."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,9 @@ from sieve.index.quality import (
 )
 from sieve.index.settings import CollectionSettings
 
-DATA = Path("/work/shared/datasets")
+from conftest import DATASETS
+
+DATA = DATASETS
 JUNK = ["buy now " * 40, "asdkj qwpoe zmxnv " * 10, "click here", "x"]
 EDGE = ["", "x", "word " * 5000, "Der Hund läuft schnell über die Wiese.", "中文文本" * 200]
 UNSUPERVISED = ["unique_terms", "lm_divergence", "embedding_norm"]

@@ -14,7 +14,7 @@ from sieve.index.documents import Document
 from sieve.service.client import SieveClient
 from sieve.v1 import sieve_pb2 as pb
 
-from conftest import ServerProcess, corpus, dataset
+from conftest import ServerProcess, corpus
 
 
 def ingest(client, name, docs, batch=32):
