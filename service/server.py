@@ -180,6 +180,11 @@ class Sieve:
             raise Unavailable("the server is still loading its collections; retry shortly")
         return self.catalog.get(name)
 
+    async def record(self, collection) -> None:
+        """Collection gauges after a write (walking the files is I/O: off the event loop)."""
+        stats = await asyncio.to_thread(collection.stats)
+        metrics.record_collection(collection.name, stats)
+
     def info(self, collection) -> pb.CollectionInfo:
         stats = collection.stats()
         metrics.record_collection(collection.name, stats)
@@ -347,7 +352,7 @@ class IngestServicer(Servicer):
             metrics.INGESTED.labels(collection.name).inc(len(docs))
             log.info("%s: committed %d documents (%d pruned), generation %d", collection.name, result.upserted,
                      result.pruned, result.generation)
-            sieve.info(collection)
+            await sieve.record(collection)
             yield pb.UpsertResponse(upserted=result.upserted, pruned=result.pruned, generation=result.generation)
 
     @rpc
@@ -355,7 +360,7 @@ class IngestServicer(Servicer):
         collection = self.sieve.collection(request.collection)
         deleted, missing, generation = await asyncio.to_thread(collection.delete, list(request.ids))
         log.info("%s: deleted %d documents, generation %d", collection.name, deleted, generation)
-        self.sieve.info(collection)
+        await self.sieve.record(collection)
         return pb.DeleteResponse(deleted=deleted, not_found=missing, generation=generation)
 
     @rpc
@@ -386,12 +391,12 @@ class CollectionServicer(Servicer):
         settings = CollectionSettings.from_dict(from_struct(request.settings))
         collection = await asyncio.to_thread(self._catalog().create, request.name, settings)
         log.info("created collection %s", request.name)
-        return self.sieve.info(collection)
+        return await asyncio.to_thread(self.sieve.info, collection)
 
     @rpc
     async def ListCollections(self, request, context):
         catalog = self._catalog()
-        infos = [self.sieve.info(catalog.get(name)) for name in catalog.names()]
+        infos = await asyncio.to_thread(lambda: [self.sieve.info(catalog.get(name)) for name in catalog.names()])
         return pb.ListCollectionsResponse(collections=infos)
 
     @rpc
@@ -409,7 +414,7 @@ class CollectionServicer(Servicer):
     async def Compact(self, request, context):
         collection = self.sieve.collection(request.name)
         await asyncio.to_thread(collection.compact)
-        return self.sieve.info(collection)
+        return await asyncio.to_thread(self.sieve.info, collection)
 
 
 def handler_kind(request_streaming: bool, response_streaming: bool):
