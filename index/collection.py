@@ -66,6 +66,7 @@ class Segment:
                 if found != size:
                     raise CorruptIndex(f"{directory / name}: expected {size} bytes, found "
                                        f"{'no file' if found is None else found} (truncated or replaced?)")
+            self.bytes = sum(meta["files"].values())
             self.indexed: int = meta["indexed"]  # rows [0, indexed) are searchable, the rest were pruned
             self.ids: list[str] = json.loads((directory / "ids.json").read_text())
             self.offsets = np.load(directory / "offsets.npy")
@@ -457,7 +458,9 @@ class Collection:
         details = {}
         for name, retriever in self.retrievers.items():
             details[name] = retriever.stats(snapshot.parts(name), live_indexed)
-        bytes_on_disk = sum(f.stat().st_size for f in self.directory.rglob("*") if f.is_file())
+        # The files this generation uses, from the segments' own records: walking the folder would race
+        # with a concurrent commit renaming and removing segment directories.
+        bytes_on_disk = sum(s.bytes for s in snapshot.segments)
         return {
             "documents": live_indexed,
             "deleted": int(sum(len(d) for d in snapshot.deleted)),

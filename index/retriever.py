@@ -70,4 +70,11 @@ def top_hits(candidates: list[Hit], k: int) -> list[Hit]:
 
 
 def dir_bytes(directory: Path, prefix: str) -> int:
-    return sum(f.stat().st_size for f in directory.glob(f"{prefix}*") if f.is_file())
+    """Bytes of a segment's files with this prefix (0 for files a compaction removed meanwhile)."""
+    total = 0
+    for path in directory.glob(f"{prefix}*"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total

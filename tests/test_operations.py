@@ -159,7 +159,7 @@ def test_bad_queue_entries_go_to_dead_letters(tmp_path, redis_server):
         wait_for(lambda: r.xlen("sieve:ingest:dead") == 1)
         entry = r.xrange("sieve:ingest:dead")[0][1]
         assert b"no collection named 'no-such-collection'" in entry[b"error"]
-        assert r.xpending("sieve:ingest", "sieve-indexers")["pending"] == 0
+        wait_for(lambda: r.xpending("sieve:ingest", "sieve-indexers")["pending"] == 0)  # acknowledged
     finally:
         server.stop()
 
