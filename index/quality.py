@@ -38,7 +38,7 @@ from .errors import InvalidArgument
 from .lexical import analyze
 from .settings import CollectionSettings
 from .term_weights import (
-    ARTIFACTS, content, freeze_embeddings, load_artifact, load_backbone, load_tokenizer, read_beir,
+    ARTIFACTS, BackboneWithHead, content, freeze_embeddings, load_artifact, load_tokenizer, read_beir,
     save_artifact,
 )
 
@@ -107,14 +107,9 @@ def lm_divergence(texts: list[str]) -> np.ndarray:
 
 
 # Neural (the 2-layer SPLADE-tiny BERT) ------------------------------------------------------------
-class QualityModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.bert = load_backbone()
-        self.head = nn.Linear(self.bert.config.hidden_size, 1)
-
+class QualityModel(BackboneWithHead):
     def pooled(self, input_ids, attention_mask):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.hidden(input_ids, attention_mask)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 

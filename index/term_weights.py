@@ -133,15 +133,21 @@ def words_and_terms(text: str) -> tuple[list[str], list[str | None]]:
     return words, [None if w in _STOPWORDS else s for w, s in zip(words, stems)]
 
 
-class TermWeighter(nn.Module):
+class BackboneWithHead(nn.Module):
+    """SPLADE-tiny's BERT and one linear output: per token (term weights) or pooled (quality)."""
+
     def __init__(self):
         super().__init__()
         self.bert = load_backbone()
         self.head = nn.Linear(self.bert.config.hidden_size, 1)
 
+    def hidden(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class TermWeighter(BackboneWithHead):
     def forward(self, input_ids, attention_mask):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(hidden).squeeze(-1)
+        return self.head(self.hidden(input_ids, attention_mask)).squeeze(-1)
 
 
 def _windows(word_lists: list[list[str]], max_tokens: int):
