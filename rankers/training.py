@@ -47,19 +47,20 @@ def teacher_scores(candidates, rows: list[int], bm25_extra: dict | None = None) 
     return [float(10 * candidates.dense[r] + 5 * candidates.bm25[r] / top_bm25) for r in rows]
 
 
-def split_train_queries(seed: int = 13, dev_size: int = 100) -> tuple[list[str], list[str]]:
-    """SciFact train query ids, split into (train, dev); dev tunes fusion and pruning margins."""
-    _, queries, _ = read_beir(SCIFACT, "train")
+def split_train_queries(seed: int = 13, dev_size: int = 100, data: Path = SCIFACT) -> tuple[list[str], list[str]]:
+    """Train query ids, split into (train, dev); dev tunes fusion and pruning margins."""
+    _, queries, _ = read_beir(data, "train")
     ids = sorted(queries)
     random.Random(seed).shuffle(ids)
     return ids[dev_size:], ids[:dev_size]
 
 
 def build_groups(first_stage: FirstStage, corpus: dict, group_size: int = 8, titles: int = 3000,
-                 sentences: int = 3000, supervised_repeats: int = 2, seed: int = 13) -> list[Group]:
+                 sentences: int = 3000, supervised_repeats: int = 2, seed: int = 13,
+                 data: Path = SCIFACT) -> list[Group]:
     rng = random.Random(seed)
-    _, queries, qrels = read_beir(SCIFACT, "train")
-    train_ids, _ = split_train_queries(seed)
+    _, queries, qrels = read_beir(data, "train")
+    train_ids, _ = split_train_queries(seed, data=data)
     doc_text = {d: passage_text(*corpus[d]) for d in corpus}
     groups: list[Group] = []
 
@@ -175,7 +176,7 @@ def save_artifact(model, out: Path, config: dict) -> None:
 
 
 def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: int = 30, k: int = 10,
-              quantiles=(0.8, 0.9, 0.95, 1.0), dev_queries: int = 100) -> dict:
+              quantiles=(0.8, 0.9, 0.95, 1.0), dev_queries: int = 100, data: Path = SCIFACT) -> dict:
     """On held-out SciFact train queries: per-layer pruning margins and the first-stage fusion weight.
 
     A layer's margin at quantile q is how far below that layer's k-th best score the final top-k can
@@ -185,8 +186,8 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
 
     from sieve.index.fusion import weighted_scores
 
-    _, queries, qrels = read_beir(SCIFACT, "train")
-    _, dev = split_train_queries()
+    _, queries, qrels = read_beir(data, "train")
+    _, dev = split_train_queries(data=data)
     dev = dev[:dev_queries]
     candidates = first_stage.search([queries[q] for q in dev], depth)
     needed = {layer: [] for layer in model.checkpoint_layers[:-1]}
@@ -216,8 +217,14 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
             "fusion_weight": max(by_weight, key=by_weight.get), "dev_queries": len(dev), "dev_depth": depth}
 
 
-def main() -> None:
+def train_reranker(data_dir: str | Path, out_dir: str | Path) -> None:
+    """`sieve train reranker --data DIR --out DIR`: the default recipe on a BEIR folder's train split."""
+    main(["--data", str(data_dir), "--out", str(out_dir)])
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SCIFACT, help="BEIR folder with qrels/train.tsv")
     parser.add_argument("--minutes", type=float, default=60)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "artifacts" / "minilm-l6-pruning")
     parser.add_argument("--trainable-top", type=int, default=2)
@@ -227,25 +234,26 @@ def main() -> None:
     parser.add_argument("--calibrate-only", action="store_true", help="recalibrate the artifact at --out")
     parser.add_argument("--dev-queries", type=int, default=100)
     parser.add_argument("--dev-depth", type=int, default=30)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    dense_cache = CACHE / f"{args.data.name}_dense.npy"
     from .reranker import base_model, load_artifact
 
     if args.calibrate_only:
-        corpus, _, _ = read_beir(SCIFACT, "train")
+        corpus, _, _ = read_beir(args.data, "train")
         reranker = load_artifact(args.out, "cpu", torch.bfloat16)
         config = json.loads((args.out / "config.json").read_text())
-        calibration = calibrate(reranker.model, reranker.tokenizer, FirstStage(corpus, cache=CACHE / "scifact_dense.npy"),
-                                corpus, depth=args.dev_depth, dev_queries=args.dev_queries)
+        calibration = calibrate(reranker.model, reranker.tokenizer, FirstStage(corpus, cache=dense_cache),
+                                corpus, depth=args.dev_depth, dev_queries=args.dev_queries, data=args.data)
         config.update(calibration, margins=calibration["margin_quantiles"]["0.95"],
                       fusion_weight=calibration["fusion_weight"])
         (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         print(json.dumps(calibration))
         return
 
-    corpus, _, _ = read_beir(SCIFACT, "train")
-    first_stage = FirstStage(corpus, cache=CACHE / "scifact_dense.npy")
-    groups = build_groups(first_stage, corpus, titles=args.titles, sentences=args.sentences)
+    corpus, _, _ = read_beir(args.data, "train")
+    first_stage = FirstStage(corpus, cache=dense_cache)
+    groups = build_groups(first_stage, corpus, titles=args.titles, sentences=args.sentences, data=args.data)
     model, tokenizer = base_model()
     stats = train(model, tokenizer, groups, args.minutes, trainable_top=args.trainable_top)
     stats["groups_available"] = len(groups)
@@ -253,7 +261,7 @@ def main() -> None:
               "checkpoint_layers": list(model.checkpoint_layers), "max_length": 256, "training": stats}
     save_artifact(model, args.out, config)  # saved before calibration too, so a slow calibration loses nothing
     print(json.dumps(stats), flush=True)
-    calibration = calibrate(model, tokenizer, first_stage, corpus)
+    calibration = calibrate(model, tokenizer, first_stage, corpus, data=args.data)
     config.update(calibration, margins=calibration["margin_quantiles"]["0.95"],
                   fusion_weight=calibration["fusion_weight"])
     save_artifact(model, args.out, config)
