@@ -39,7 +39,7 @@ from .lexical import analyze
 from .settings import CollectionSettings
 from .term_weights import (
     ARTIFACTS, BackboneWithHead, content, freeze_embeddings, load_artifact, load_tokenizer, read_beir,
-    save_artifact,
+    save_artifact, training_step,
 )
 
 log = logging.getLogger(__name__)
@@ -233,13 +233,7 @@ def train_quality(data_dir: str | Path, out_dir: str | Path, epochs: int = 2, ba
             logits = model(*_tokens([text for text, _ in batch]))
             labels = torch.tensor([label for _, label in batch])
             loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-50:]):.4f}")
+            training_step(loss, optimizer, scheduler, losses, bar, epoch)
     bar.close()
     model.eval()
     labels = np.array([float(d in positives) for d in validation])

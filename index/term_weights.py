@@ -231,6 +231,17 @@ def term_weight_model(setting: str) -> TermWeightModel:
 
 
 # Training -----------------------------------------------------------------------------------------
+def training_step(loss: torch.Tensor, optimizer, scheduler, losses: list[float], bar, epoch: int) -> None:
+    """One optimiser step of the SPLADE-tiny heads, with the running loss on the progress bar."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    losses.append(loss.item())
+    bar.update(1)
+    bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-50:]):.4f}")
+
+
 def training_examples(corpus: dict, queries: dict, qrels: dict, query_ids: list[str]):
     """(words, per-word target or NaN for words that are not indexed, supervised by queries?)."""
     relevant: dict[str, list[str]] = defaultdict(list)
@@ -301,14 +312,7 @@ def train_term_weights(data_dir: str | Path, out_dir: str | Path, epochs: int = 
             use = ~torch.isnan(targets)
             if not use.any():
                 continue
-            loss = nn.functional.mse_loss(pieces[use], targets[use])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-50:]):.4f}")
+            training_step(nn.functional.mse_loss(pieces[use], targets[use]), optimizer, scheduler, losses, bar, epoch)
     bar.close()
     config = {
         "base_model": "SPLADE-tiny BERT (cognition/model, 2 layers, 128-d); embeddings frozen, not stored",
