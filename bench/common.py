@@ -7,10 +7,9 @@ import platform
 import time
 from pathlib import Path
 
-from sieve.index.beir import evaluate, load_judged_queries, per_query  # noqa: F401 (re-exported)
+from sieve.index.beir import DATASETS, evaluate, load_judged_queries, per_query  # noqa: F401 (re-exported)
 from sieve.index.documents import Document, read_jsonl
 
-DATASETS = Path(os.environ.get("SIEVE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

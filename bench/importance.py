@@ -27,6 +27,7 @@ import torch
 from ir_measures import R, nDCG
 from scipy.stats import ttest_rel
 
+from sieve.index.beir import DATASETS as DATA, load_beir, load_judged_queries, relevant
 from sieve.index.documents import Document
 from sieve.index.encoders import load_encoder
 from sieve.index.fusion import reciprocal_rank
@@ -34,9 +35,8 @@ from sieve.index.impact import ImpactRetriever
 from sieve.index.lexical import BM25Retriever, SparseRows
 from sieve.index.quality import score_passages, supervised
 from sieve.index.settings import CollectionSettings
-from sieve.index.term_weights import TERM_WEIGHTS_ARTIFACT, read_beir
+from sieve.index.term_weights import TERM_WEIGHTS_ARTIFACT
 
-DATA = Path(os.environ.get("SIEVE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 CACHE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "importance"
 SHARED_DENSE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "reranker"
 RESULTS = Path(__file__).parent / "results"
@@ -48,13 +48,8 @@ DEPTH = 100
 def load(name: str):
     with open(DATA / name / "corpus.jsonl") as lines:
         docs = [Document.from_json(json.loads(line)) for line in lines]
-    with open(DATA / name / "queries.jsonl") as lines:
-        queries = {str(q["_id"]): q["text"] for q in map(json.loads, lines)}
-    with open(DATA / name / "qrels" / "test.tsv") as lines:
-        rows = [line.split("\t") for line in list(lines)[1:] if line.strip()]
-    qrels = [ir_measures.Qrel(q, d, int(float(s))) for q, d, s in rows]
-    judged = {q.query_id for q in qrels}
-    return docs, {q: t for q, t in queries.items() if q in judged}, qrels
+    queries, qrels = load_judged_queries(DATA / name, "test")
+    return docs, queries, [ir_measures.Qrel(q, d, grade) for q, judged in qrels.items() for d, grade in judged.items()]
 
 
 def cached(path: Path, compute):
@@ -203,7 +198,8 @@ def held_out_check(data: Dataset) -> dict:
     """BM25 against impacts on the SciFact train queries that term-weight training held out."""
     held_out = json.loads((Path(data.impact.settings.term_weights or TERM_WEIGHTS_ARTIFACT)
                            / "held_out_queries.json").read_text())
-    _, queries, qrels = read_beir(DATA / data.name, "train")
+    corpus, queries, qrels = load_beir(DATA / data.name, "train")
+    qrels = relevant(qrels, corpus)
     check = Dataset.__new__(Dataset)
     check.__dict__.update(data.__dict__)
     check.queries = {q: queries[q] for q in held_out}

@@ -27,12 +27,11 @@ import torch
 from ir_measures import R, nDCG
 from tqdm.auto import tqdm
 
-from sieve.index.beir import load_judged_queries
+from sieve.index.beir import DATASETS, load_judged_queries
 from sieve.index.documents import Document, read_jsonl
 from sieve.index.multivector import MultiVectorRetriever, TokenBatch
 from sieve.index.settings import CollectionSettings
 
-DATASETS = Path(os.environ.get("SIEVE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 RESULTS = Path(__file__).parent / "results"
 ENCODE_CHUNK = 128
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
-from sieve.rankers.first_stage import DATASETS, FirstStage, passage_text, read_beir
+from sieve.index.beir import DATASETS, load_beir, passage_text
+from sieve.rankers.first_stage import FirstStage
 
 NDCG = ir_measures.nDCG @ 10
 RESULTS = Path(__file__).parent / "results"
@@ -47,7 +48,7 @@ def ratio(a: float, b: float) -> float | None:
 
 
 def first_stage_run(name: str, depth: int = 100):
-    corpus, queries, qrels = read_beir(DATASETS / name, "test")
+    corpus, queries, qrels = load_beir(DATASETS / name, "test")
     stage = FirstStage(corpus, cache=CACHE / f"{name}_dense.npy")
     qids = sorted(queries)
     started = time.perf_counter()
@@ -81,7 +82,7 @@ def rerank_depth(reranker, peer, corpus, queries, qrels, qids, candidates, depth
     overlap = {name: [] for name in SETTINGS}
     for q, cands in zip(qids, candidates):
         ids = cands.ids[:depth]
-        passages = [passage_text(*corpus[d]) for d in ids]
+        passages = [passage_text(corpus[d]) for d in ids]
         for name, options in SETTINGS.items():
             started = time.perf_counter()
             result = reranker.rerank(queries[q], passages, 10, options)
@@ -148,7 +149,7 @@ def main() -> None:
         qids, candidates = qids[:args.zero_shot_queries], candidates[:args.zero_shot_queries]
         first, alone, fused = {}, {}, {}
         for q, cands in zip(qids, candidates):
-            result = reranker.rerank(queries[q], [passage_text(*corpus[d]) for d in cands.ids], 10, PruningOptions())
+            result = reranker.rerank(queries[q], [passage_text(corpus[d]) for d in cands.ids], 10, PruningOptions())
             first[q] = list(zip(cands.ids, cands.rrf.tolist()))
             alone[q] = [(cands.ids[i], s) for i, s in zip(result.order, result.scores)]
             fused[q] = [(cands.ids[i], s) for i, s in fuse_with_first_stage(result, cands.rrf.tolist(), weight)]

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .beir import load_beir, passage_text, relevant
 from .documents import Document
 from .errors import InvalidArgument
 from .lexical import analyze
 from .settings import CollectionSettings
 from .term_weights import (
-    ARTIFACTS, BackboneWithHead, content, freeze_embeddings, load_artifact, load_tokenizer, read_beir,
+    ARTIFACTS, BackboneWithHead, freeze_embeddings, load_artifact, load_tokenizer,
     save_artifact, training_step,
 )
 
@@ -206,14 +207,14 @@ def train_quality(data_dir: str | Path, out_dir: str | Path, epochs: int = 2, ba
     rng = random.Random(seed)
     torch.manual_seed(seed)
     started = time.time()
-    corpus, _, qrels = read_beir(data_dir, "train")
-    positives = set().union(*qrels.values())
+    corpus, _, qrels = load_beir(data_dir, "train")
+    positives = set().union(*relevant(qrels, corpus).values())
     ids = [doc_id for i, doc_id in enumerate(sorted(corpus)) if folds == 1 or i % folds != fold]
     rng.shuffle(ids)
     validation, train = ids[:int(len(ids) * validation_share)], ids[int(len(ids) * validation_share):]
     if max_examples:
         train = train[:max_examples]
-    passages = [(content(corpus[d]), float(d in positives)) for d in train]
+    passages = [(passage_text(corpus[d]), float(d in positives)) for d in train]
     n_positive = sum(label for _, label in passages)
     n_junk = int(junk_share * len(passages))
     model = QualityModel()
@@ -237,7 +238,7 @@ def train_quality(data_dir: str | Path, out_dir: str | Path, epochs: int = 2, ba
     bar.close()
     model.eval()
     labels = np.array([float(d in positives) for d in validation])
-    scores = _batched([content(corpus[d]) for d in validation], model)
+    scores = _batched([passage_text(corpus[d]) for d in validation], model)
     config = {
         "base_model": "SPLADE-tiny BERT (cognition/model, 2 layers, 128-d); embeddings frozen, not stored",
         "max_tokens": QUALITY_TOKENS, "epochs": epochs, "batch_size": batch_size, "lr": lr,

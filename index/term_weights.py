@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .beir import load_beir, passage_text, relevant
 from .errors import InvalidArgument
 from .lexical import _STOPWORDS, _TOKEN, _stemmer, analyze
 
@@ -98,33 +99,6 @@ def save_artifact(model: nn.Module, directory: Path, config: dict) -> None:
 
 
 # Data ---------------------------------------------------------------------------------------------
-def read_beir(data_dir: str | Path, split: str = "train"):
-    """(corpus id -> {"title","text"}, query id -> text, query id -> relevant corpus ids)."""
-    data_dir = Path(data_dir)
-    qrels_path = data_dir / "qrels" / f"{split}.tsv"
-    if not (data_dir / "corpus.jsonl").is_file() or not qrels_path.is_file():
-        raise InvalidArgument(f"{data_dir} is not a BEIR folder with corpus.jsonl and qrels/{split}.tsv")
-    corpus = {}
-    with open(data_dir / "corpus.jsonl") as lines:
-        for line in lines:
-            obj = json.loads(line)
-            corpus[str(obj["_id"])] = {"title": obj.get("title") or "", "text": obj.get("text") or ""}
-    with open(data_dir / "queries.jsonl") as lines:
-        queries = {str(o["_id"]): o["text"] for o in map(json.loads, lines)}
-    qrels: dict[str, set[str]] = defaultdict(set)
-    with open(qrels_path) as lines:
-        next(lines)
-        for line in lines:
-            qid, doc_id, score = line.split("\t")[:3]
-            if int(float(score)) > 0 and doc_id in corpus:
-                qrels[qid].add(doc_id)
-    return corpus, queries, dict(qrels)
-
-
-def content(doc: dict) -> str:
-    return f"{doc['title']}\n{doc['text']}" if doc["title"] else doc["text"]
-
-
 # Words and terms ----------------------------------------------------------------------------------
 def words_and_terms(text: str) -> tuple[list[str], list[str | None]]:
     """The analyser's words (stop words kept for context) and each word's indexed term, or None."""
@@ -244,17 +218,17 @@ def training_step(loss: torch.Tensor, optimizer, scheduler, losses: list[float],
 
 def training_examples(corpus: dict, queries: dict, qrels: dict, query_ids: list[str]):
     """(words, per-word target or NaN for words that are not indexed, supervised by queries?)."""
-    relevant: dict[str, list[str]] = defaultdict(list)
+    judged_by: dict[str, list[str]] = defaultdict(list)
     for qid in query_ids:
         for doc_id in qrels.get(qid, ()):
-            relevant[doc_id].append(qid)
+            judged_by[doc_id].append(qid)
     query_terms = {qid: set(analyze(queries[qid])) for qid in query_ids}
     examples = []
     for doc_id, doc in corpus.items():
-        if doc_id in relevant:  # query term recall
-            recall = Counter(t for qid in relevant[doc_id] for t in query_terms[qid])
-            words, terms = words_and_terms(content(doc))
-            targets = [recall[t] / len(relevant[doc_id]) if t else float("nan") for t in terms]
+        if doc_id in judged_by:  # query term recall
+            recall = Counter(t for qid in judged_by[doc_id] for t in query_terms[qid])
+            words, terms = words_and_terms(passage_text(doc))
+            targets = [recall[t] / len(judged_by[doc_id]) if t else float("nan") for t in terms]
             examples.append((words, targets, True))
         elif doc["title"] and doc["text"]:  # HDCT: the title is the query, the body the passage
             title = set(analyze(doc["title"]))
@@ -278,7 +252,8 @@ def train_term_weights(data_dir: str | Path, out_dir: str | Path, epochs: int = 
     random.seed(seed)
     torch.manual_seed(seed)
     started = time.time()
-    corpus, queries, qrels = read_beir(data_dir, "train")
+    corpus, queries, qrels = load_beir(data_dir, "train")
+    qrels = relevant(qrels, corpus)
     query_ids = sorted(qrels, key=lambda q: (random.random(), q))
     held_out = query_ids[:int(len(query_ids) * validation_share)]
     train_ids = query_ids[len(held_out):]
@@ -347,10 +322,11 @@ def choose_tf_floor(artifact: str | Path, data_dir: str | Path, floors=TF_FLOORS
     from .settings import CollectionSettings
 
     artifact = Path(artifact)
-    corpus, queries, qrels = read_beir(data_dir, "train")
+    corpus, queries, qrels = load_beir(data_dir, "train")
+    qrels = relevant(qrels, corpus)
     held_out = json.loads((artifact / "held_out_queries.json").read_text())
     ids = list(corpus)
-    texts = [content(corpus[d]) for d in ids]
+    texts = [passage_text(corpus[d]) for d in ids]
     model = TermWeightModel(artifact)
     model.config["tf_floor"] = 0.0
     learned = []

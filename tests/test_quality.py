@@ -49,12 +49,13 @@ def test_edge_passages_get_finite_scores(adi, estimator):
 
 def test_supervised_model_prefers_judged_scifact_passages():
     """SciFact train positives (the classifier's own label) outrank other passages on average."""
-    from sieve.index.term_weights import read_beir, content
+    from sieve.index.beir import load_beir, passage_text, relevant
 
-    docs, _, qrels = read_beir(DATA / "scifact", "train")
-    positives = sorted(set().union(*qrels.values()))[:60]
-    negatives = [d for d in sorted(docs) if d not in set().union(*qrels.values())][:60]
-    scores = score_passages([content(docs[d]) for d in positives + negatives], "supervised")
+    docs, _, qrels = load_beir(DATA / "scifact", "train")
+    judged = set().union(*relevant(qrels, docs).values())
+    positives = sorted(judged)[:60]
+    negatives = [d for d in sorted(docs) if d not in judged][:60]
+    scores = score_passages([passage_text(docs[d]) for d in positives + negatives], "supervised")
     assert scores[:60].mean() > scores[60:].mean()
 
 

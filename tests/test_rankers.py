@@ -9,7 +9,8 @@ import torch
 
 from sieve.index.errors import InvalidArgument
 from sieve.rankers import PruningOptions, RerankResult, load_reranker
-from sieve.rankers.first_stage import SCIFACT_DIR, passage_text
+from sieve.index.beir import passage_text
+from sieve.rankers.first_stage import SCIFACT_DIR
 
 QUERY = "Aspirin reduces the risk of myocardial infarction."
 
@@ -18,7 +19,7 @@ QUERY = "Aspirin reduces the risk of myocardial infarction."
 def passages() -> list[str]:
     with open(SCIFACT_DIR / "corpus.jsonl") as f:
         rows = [json.loads(line) for line in itertools.islice(f, 20)]
-    return [passage_text(row["title"], row["text"]) for row in rows]
+    return [passage_text(row) for row in rows]
 
 
 @pytest.fixture(scope="module")

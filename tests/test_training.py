@@ -1,0 +1,69 @@
+"""The reranker's training recipe end to end on a small slice of SciFact train (a few real steps)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sieve.index.beir import load_beir
+from sieve.rankers import load_reranker
+from sieve.rankers.reranker import base_model
+from sieve.rankers.training import main as train_main
+
+from conftest import dataset
+
+
+@pytest.fixture(scope="module")
+def small_beir(tmp_path_factory):
+    """20 SciFact train claims, their abstracts and 80 other abstracts, in BEIR layout."""
+    corpus, queries, qrels = load_beir(dataset("scifact"), "train")
+    chosen = sorted(queries)[:20]
+    keep = {d for q in chosen for d in qrels[q]} | set(sorted(corpus)[:80])
+    folder = tmp_path_factory.mktemp("beir")
+    with open(folder / "corpus.jsonl", "w") as f:
+        for d in sorted(keep):
+            f.write(json.dumps({"_id": d, **corpus[d]}) + "\n")
+    with open(folder / "queries.jsonl", "w") as f:
+        for q in chosen:
+            f.write(json.dumps({"_id": q, "text": queries[q]}) + "\n")
+    (folder / "qrels").mkdir()
+    with open(folder / "qrels" / "train.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"{q}\t{d}\t1\n" for q in chosen for d in qrels[q])
+    return folder
+
+
+def test_training_writes_a_loadable_artifact_of_only_the_trained_weights(small_beir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIEVE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "artifact"
+    train_main(["--data", str(small_beir), "--out", str(out), "--minutes", "0.15", "--threads", "2",
+                "--titles", "10", "--sentences", "10", "--dev-depth", "12", "--checkpoint-minutes", "0.05"])
+    config = json.loads((out / "config.json").read_text())
+    curve = config["training"]["dev_curve"]
+    assert len(curve) >= 2 and config["training"]["steps"] > 0  # periodic checkpoints plus the final one
+    assert set(config["margins"]) == {"1", "2", "3", "4", "5"} and 0 < config["fusion_weight"] <= 1
+
+    stored = load_file(str(out / "weights.safetensors"))
+    layers = {int(key.split(".")[3]) for key in stored if key.startswith("bert.encoder.layer.")}
+    assert layers == {4, 5}  # 0-based: BERT layers 5 and 6, the trainable ones; nothing else is copied
+    base, _ = base_model()
+    trained = load_reranker(str(out), dtype="float32").model
+    assert not torch.equal(trained.bert.encoder.layer[5].output.dense.weight, base.bert.encoder.layer[5].output.dense.weight)
+    assert torch.equal(trained.bert.encoder.layer[0].output.dense.weight, base.bert.encoder.layer[0].output.dense.weight)
+
+
+def test_training_resumes_from_an_artifact(small_beir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIEVE_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--data", str(small_beir), "--minutes", "0.05", "--threads", "2", "--titles", "5",
+              "--sentences", "5", "--dev-depth", "12", "--checkpoint-minutes", "0"]
+    train_main(common + ["--out", str(first)])
+    train_main(common + ["--out", str(second), "--resume", str(first)])
+    assert json.loads((second / "config.json").read_text())["resumed_from"] == str(first)
+    before, after = load_file(str(first / "weights.safetensors")), load_file(str(second / "weights.safetensors"))
+    assert before.keys() == after.keys()
+    key = "bert.encoder.layer.5.output.dense.weight"
+    assert not torch.equal(before[key], after[key])  # it trained on from there ...
+    assert (before[key].float() - after[key].float()).abs().max() < 0.05  # ... not from scratch
