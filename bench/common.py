@@ -26,6 +26,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else float("nan")
 
 
+def under_load(target: str, clients: int, requests: int, call) -> dict:
+    """Latency percentiles and throughput of `requests` calls `call(client, i)` shared by `clients` threads,
+    each with its own SieveClient (channel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sieve.service.client import SieveClient
+
+    latencies: list[float] = []
+
+    def worker(offset: int) -> None:
+        with SieveClient(target) as client:
+            for i in range(offset, requests, clients):
+                start = time.perf_counter()
+                call(client, i)
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    elapsed = time.perf_counter() - start
+    ms = [x * 1000 for x in latencies]
+    return {"clients": clients, "requests": len(ms), "p50_ms": round(percentile(ms, 50), 2),
+            "p95_ms": round(percentile(ms, 95), 2), "p99_ms": round(percentile(ms, 99), 2),
+            "throughput_qps": round(len(ms) / elapsed, 2)}
+
+
 def write_results(name: str, figures: dict, markdown: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     figures = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

@@ -6,7 +6,7 @@ on this shared machine hits them alike and the ratios stay fair. The peer is
 sentence_transformers.CrossEncoder.predict over the same BERT weights (latency only: its linear
 head is not ours). Zero-shot: Cranfield, CISI, Medline top-20, reranked pipeline vs first stage.
 
-    python bench/rerank.py --threads 2            # writes bench/results/rerank.{json,md,png}
+    python -m bench.rerank --threads 2            # writes bench/results/rerank.{json,md,png}
 """
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ import torch
 from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
 from sieve.index.beir import DATASETS, load_beir, passage_text
 from sieve.rankers.first_stage import FirstStage
+from sieve.service.client import SieveClient
+from sieve.service.process import ServerProcess
+from sieve.v1 import sieve_pb2 as pb
+
+from .common import under_load
 
 NDCG = ir_measures.nDCG @ 10
 RESULTS = Path(__file__).parent / "results"
@@ -117,6 +122,31 @@ def rerank_depth(reranker, peer, corpus, queries, qrels, qids, candidates, depth
     return {"queries": len(qids), "first_stage_ndcg10_same_queries": ndcg(first, qrels), "settings": rows}
 
 
+def grpc_latency(reranker: str, corpus, queries, qids, candidates, depths=(20, 100), clients=(1, 8),
+                 requests: int = 24) -> list[dict]:
+    """End-to-end Rerank RPC latency through a real server process, with and without early pruning; the
+    requests name a collection whose settings choose the reranker."""
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        server = ServerProcess(Path(work) / "data").start()
+        try:
+            with SieveClient(server.target) as client:
+                client.create_collection("bench", {"indexes": ["bm25"], "reranker": reranker})
+                client.rerank(queries[qids[0]], [("warm-up", "loads the model")], collection="bench")
+            for depth in depths:
+                lists = [[(d, passage_text(corpus[d])) for d in c.ids[:depth]] for c in candidates]
+                for prune in (False, True):
+                    options = pb.RerankOptions(prune=prune)
+                    for n in clients:
+                        row = under_load(server.target, n, requests, lambda client, i: client.rerank(
+                            queries[qids[i % len(qids)]], lists[i % len(qids)], k=10, collection="bench", options=options))
+                        rows.append({"depth": depth, "pruning": prune, **row})
+                        print("grpc", rows[-1], flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -124,10 +154,12 @@ def main() -> None:
     parser.add_argument("--zero-shot", default="cranfield,cisi,medline")
     parser.add_argument("--zero-shot-queries", type=int, default=40)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--no-grpc", action="store_true")
+    parser.add_argument("--reranker", default="", help="artifact folder or model name (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    reranker = load_reranker("")
+    reranker = load_reranker(args.reranker)
     weight = reranker.fusion_weight if reranker.fusion_weight is not None else 0.5
     peer = None if args.no_peer else peer_folder(reranker)
     report = {"threads": args.threads, "dtype": str(reranker.dtype), "fusion_weight": weight,
@@ -143,6 +175,9 @@ def main() -> None:
         report["scifact"][f"top{depth}"] = rerank_depth(reranker, peer, corpus, queries, qrels, qids, candidates,
                                                         depth, limit, weight)
         print(f"scifact top{depth}", json.dumps(report["scifact"][f"top{depth}"], indent=1), flush=True)
+
+    if not args.no_grpc:
+        report["grpc"] = grpc_latency(args.reranker, corpus, queries, qids, candidates)
 
     for name in filter(None, args.zero_shot.split(",")):
         corpus, queries, qrels, qids, candidates, latency = first_stage_run(name, 20)
@@ -185,6 +220,11 @@ def markdown(report: dict) -> str:
             lines.append(f"| {depth} | {name} | {block['queries']} | {row['ndcg10_reranker']:.3f} | "
                          f"{row['ndcg10_pipeline']:.3f} | {row['ndcg_ratio'] or float('nan'):.3f} | {row['top10_overlap']:.3f} | "
                          f"{row['ms_per_query']:.0f} | {row['speedup']:.2f} | {row['mean_survivors']} |")
+    if report.get("grpc"):
+        lines += ["", "End-to-end Rerank RPC through a real server (10 results; default checkpoints and margins when pruning):",
+                  "", "| candidates | pruning | clients | requests | p50 ms | p99 ms | requests/s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['depth']} | {'on' if r['pruning'] else 'off'} | {r['clients']} | {r['requests']} | {r['p50_ms']} | "
+                  f"{r['p99_ms']} | {r['throughput_qps']} |" for r in report["grpc"]]
     lines += ["", "Zero-shot (top-20, default pruning):", "",
               "| dataset | queries | first stage | reranker alone | pipeline |", "|---|---|---|---|---|"]
     for name, row in report["zero_shot"].items():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from sieve.index.encoders import resolve_encoder
 from sieve.service.client import SieveClient
 from sieve.service.process import ServerProcess
 
-from .common import evaluate, load_corpus, load_queries, percentile, write_results
+from .common import evaluate, load_corpus, load_queries, percentile, under_load, write_results
 
 BATCH = 64
 
@@ -34,23 +33,8 @@ def run_of(responses: dict[str, list[tuple[str, float]]]) -> dict[str, dict[str,
 
 def latency_under_load(target: str, collection: str, queries: list[str], clients: int, requests: int,
                        retrievers: list[str]) -> dict:
-    latencies: list[float] = []
-
-    def worker(offset: int) -> None:
-        with SieveClient(target) as client:
-            for i in range(offset, requests, clients):
-                start = time.perf_counter()
-                client.search(collection, queries[i % len(queries)], k=10, retrievers=retrievers, omit_text=True)
-                latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(worker, range(clients)))
-    elapsed = time.perf_counter() - start
-    ms = [x * 1000 for x in latencies]
-    return {"clients": clients, "requests": len(ms), "p50_ms": round(percentile(ms, 50), 2),
-            "p95_ms": round(percentile(ms, 95), 2), "p99_ms": round(percentile(ms, 99), 2),
-            "throughput_qps": round(len(ms) / elapsed, 2)}
+    return under_load(target, clients, requests, lambda client, i: client.search(
+        collection, queries[i % len(queries)], k=10, retrievers=retrievers, omit_text=True))
 
 
 def main() -> None:
