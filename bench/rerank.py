@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
+from sieve.rankers.reranker import ARTIFACT
 from sieve.index.beir import DATASETS, load_beir, passage_text
 from sieve.rankers.first_stage import FirstStage
 from sieve.service.client import SieveClient
@@ -33,13 +34,18 @@ from .common import under_load
 NDCG = ir_measures.nDCG @ 10
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "reranker"
-SETTINGS = {  # name -> options; margins are per-layer calibrated unless a number is given
-    "full (no pruning)": PruningOptions(prune=False),
-    "prune @1-5 calibrated": PruningOptions(checkpoints=(1, 2, 3, 4, 5)),
-    "prune @2,4 margin 1": PruningOptions(checkpoints=(2, 4), margin=1.0),
-    "prune @1,2,3 margin 1": PruningOptions(checkpoints=(1, 2, 3), margin=1.0),
-    "prune @1,2 margin 0.5": PruningOptions(checkpoints=(1, 2), margin=0.5),
-}
+RECALLS = ("0.99", "0.98", "0.95")  # calibrated margins kept for these shares of the final top 10
+
+
+def pruning_settings(config: dict) -> dict[str, tuple[PruningOptions, dict | None]]:
+    """name -> (options, per-layer margins to use instead of the shipped ones, or None)."""
+    settings = {"full (no pruning)": (PruningOptions(prune=False), None)}
+    for recall in RECALLS:
+        margins = config.get("margins_by_recall", {}).get(recall)
+        if margins:
+            settings[f"prune @1-5, recall {recall}"] = (PruningOptions(), {int(l): m for l, m in margins.items()})
+    settings["prune @1,2 margin 0.5"] = (PruningOptions(checkpoints=(1, 2), margin=0.5), None)
+    return settings
 
 
 def ndcg(run: dict[str, list[tuple[str, float]]], qrels: dict) -> float:
@@ -78,33 +84,41 @@ def peer_folder(reranker) -> str:
     return CrossEncoder(folder, max_length=reranker.max_length, device="cpu")
 
 
-def rerank_depth(reranker, peer, corpus, queries, qrels, qids, candidates, depth, limit, weight):
+def rerank_depth(reranker, settings, peer, corpus, queries, qrels, qids, candidates, depth, limit, weight,
+                 peer_queries):
     qids, candidates = qids[:limit], candidates[:limit]
-    runs = {name: {} for name in SETTINGS}
-    fused = {name: {} for name in SETTINGS}
-    seconds = {name: 0.0 for name in SETTINGS} | {"peer CrossEncoder.predict": 0.0}
-    survivors = {name: [] for name in SETTINGS}
-    overlap = {name: [] for name in SETTINGS}
-    for q, cands in zip(qids, candidates):
+    shipped_margins = reranker.margins
+    runs = {name: {} for name in settings}
+    fused = {name: {} for name in settings}
+    seconds = {name: 0.0 for name in settings}
+    survivors = {name: [] for name in settings}
+    overlap = {name: [] for name in settings}
+    peer_seconds, peer_full_seconds = 0.0, 0.0
+    for n, (q, cands) in enumerate(zip(qids, candidates)):
         ids = cands.ids[:depth]
         passages = [passage_text(corpus[d]) for d in ids]
-        for name, options in SETTINGS.items():
+        for name, (options, margins) in settings.items():
+            reranker.margins = margins or shipped_margins
             started = time.perf_counter()
             result = reranker.rerank(queries[q], passages, 10, options)
             seconds[name] += time.perf_counter() - started
             runs[name][q] = [(ids[i], s) for i, s in zip(result.order, result.scores)]
             fused[name][q] = [(ids[i], s) for i, s in fuse_with_first_stage(result, cands.rrf[:depth].tolist(), weight)]
             survivors[name].append(result.survivors)
-        if peer is not None:
+        reranker.margins = shipped_margins
+        if peer is not None and n < peer_queries:  # latency only, on a prefix of the queries
             started = time.perf_counter()
             peer.predict([(queries[q], p) for p in passages], batch_size=32, show_progress_bar=False)
-            seconds["peer CrossEncoder.predict"] += time.perf_counter() - started
+            peer_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            reranker.rerank(queries[q], passages, 10, PruningOptions(prune=False))
+            peer_full_seconds += time.perf_counter() - started
         full_top = {d for d, _ in runs["full (no pruning)"][q][:10]}
-        for name in SETTINGS:
+        for name in settings:
             overlap[name].append(len(full_top & {d for d, _ in runs[name][q][:10]}) / len(full_top))
     base = runs["full (no pruning)"]
     rows = {}
-    for name in SETTINGS:
+    for name in settings:
         rows[name] = {
             "ndcg10_reranker": ndcg(runs[name], qrels), "ndcg10_pipeline": ndcg(fused[name], qrels),
             "ms_per_query": 1000 * seconds[name] / len(qids),
@@ -116,8 +130,9 @@ def rerank_depth(reranker, peer, corpus, queries, qrels, qids, candidates, depth
         rows[name]["pipeline_ndcg_ratio"] = ratio(rows[name]["ndcg10_pipeline"],
                                                   rows["full (no pruning)"]["ndcg10_pipeline"])
     if peer is not None:
-        rows["peer CrossEncoder.predict"] = {"ms_per_query": 1000 * seconds["peer CrossEncoder.predict"] / len(qids),
-                                             "speedup": seconds["full (no pruning)"] / seconds["peer CrossEncoder.predict"]}
+        measured = min(peer_queries, len(qids))
+        rows["peer CrossEncoder.predict"] = {"ms_per_query": 1000 * peer_seconds / measured, "queries": measured,
+                                             "speedup": peer_full_seconds / peer_seconds}
     first = {q: list(zip(c.ids[:depth], c.rrf[:depth].tolist())) for q, c in zip(qids, candidates)}
     return {"queries": len(qids), "first_stage_ndcg10_same_queries": ndcg(first, qrels), "settings": rows}
 
@@ -150,16 +165,18 @@ def grpc_latency(reranker: str, corpus, queries, qids, candidates, depths=(20, 1
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--queries", default="20:100,50:40,100:20", help="depth:queries per depth (a prefix of the sorted test ids)")
+    parser.add_argument("--queries", default="20:300,50:60,100:30", help="depth:queries per depth (a prefix of the sorted test ids)")
     parser.add_argument("--zero-shot", default="cranfield,cisi,medline")
     parser.add_argument("--zero-shot-queries", type=int, default=40)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--peer-queries", type=int, default=20, help="queries per depth timed for the peer")
     parser.add_argument("--no-grpc", action="store_true")
     parser.add_argument("--reranker", default="", help="artifact folder or model name (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reranker = load_reranker(args.reranker)
+    settings = pruning_settings(json.loads((Path(args.reranker or ARTIFACT) / "config.json").read_text()))
     weight = reranker.fusion_weight if reranker.fusion_weight is not None else 0.5
     peer = None if args.no_peer else peer_folder(reranker)
     report = {"threads": args.threads, "dtype": str(reranker.dtype), "fusion_weight": weight,
@@ -172,8 +189,8 @@ def main() -> None:
     print("scifact first stage", report["scifact"]["first_stage"], flush=True)
     for spec in args.queries.split(","):
         depth, limit = map(int, spec.split(":"))
-        report["scifact"][f"top{depth}"] = rerank_depth(reranker, peer, corpus, queries, qrels, qids, candidates,
-                                                        depth, limit, weight)
+        report["scifact"][f"top{depth}"] = rerank_depth(reranker, settings, peer, corpus, queries, qrels, qids,
+                                                        candidates, depth, limit, weight, args.peer_queries)
         print(f"scifact top{depth}", json.dumps(report["scifact"][f"top{depth}"], indent=1), flush=True)
 
     if not args.no_grpc:
@@ -214,7 +231,7 @@ def markdown(report: dict) -> str:
                      f"{block['first_stage_ndcg10_same_queries']:.3f} | | | | | |")
         for name, row in block["settings"].items():
             if "ndcg10_reranker" not in row:
-                lines.append(f"| {depth} | {name} | {block['queries']} | | | | | {row['ms_per_query']:.0f} | "
+                lines.append(f"| {depth} | {name} | {row.get('queries', block['queries'])} | | | | | {row['ms_per_query']:.0f} | "
                              f"{row['speedup']:.2f} | |")
                 continue
             lines.append(f"| {depth} | {name} | {block['queries']} | {row['ndcg10_reranker']:.3f} | "

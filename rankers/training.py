@@ -193,12 +193,13 @@ def save_artifact(model, out: Path, config: dict) -> None:
 
 
 def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: int = 30, k: int = 10,
-              quantiles=(0.8, 0.9, 0.95, 1.0), dev_queries: int = 100, data: Path = SCIFACT) -> dict:
+              recalls=(0.95, 0.98, 0.99, 0.995), dev_queries: int = 100, data: Path = SCIFACT) -> dict:
     """On held-out SciFact train queries: per-layer pruning margins and the first-stage fusion weight.
 
-    A layer's margin at quantile q is how far below that layer's k-th best score the final top-k can
-    fall, for a fraction q of queries. The fusion weight maximises dev nDCG@10 of the reranker's
-    final scores interpolated with the RRF scores (both min-max normalised)."""
+    A layer's margin for recall r is how far below that layer's k-th best score a member of the final
+    top-k may fall and still survive, such that a share r of all final top-k members survive it. The
+    fusion weight (> 0) maximises dev nDCG@10 of the reranker's final scores interpolated with the RRF
+    scores (both min-max normalised)."""
     import ir_measures
 
     from sieve.index.fusion import weighted_scores
@@ -218,9 +219,10 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
             top = torch.argsort(scores[-1], descending=True)[:k]
             for i, layer in enumerate(model.checkpoint_layers[:-1]):
                 kth = torch.sort(scores[i], descending=True).values[k - 1]
-                needed[layer].append(float(kth - scores[i][top].min()))
+                needed[layer].extend((kth - scores[i][top]).tolist())
             final_scores.append(scores[-1].tolist())
-    margins = {str(q): {str(layer): float(np.quantile(v, q)) for layer, v in needed.items()} for q in quantiles}
+    margins = {str(r): {str(layer): max(0.0, float(np.quantile(v, r, method="higher"))) for layer, v in needed.items()}
+               for r in recalls}
     qrel_list = [ir_measures.Qrel(q, d, r) for q in dev for d, r in qrels[q].items()]
     by_weight = {}
     for weight in np.round(np.arange(0, 1.01, 0.1), 2):
@@ -231,7 +233,7 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
             run += [ir_measures.ScoredDoc(q, d, float(s)) for d, s in fused]
         by_weight[float(weight)] = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], qrel_list, run)[ir_measures.nDCG @ 10]
     with_reranker = {w: v for w, v in by_weight.items() if w > 0}  # weight 0 is the first stage alone
-    return {"margin_quantiles": margins, "dev_ndcg10_by_fusion_weight": by_weight,
+    return {"margins_by_recall": margins, "dev_ndcg10_by_fusion_weight": by_weight,
             "fusion_weight": max(with_reranker, key=with_reranker.get), "dev_queries": len(dev), "dev_depth": depth}
 
 
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                          dev_queries=args.dev_queries, data=args.data)
 
     def calibrated(config: dict, calibration: dict) -> dict:
-        return {**config, **calibration, "margins": calibration["margin_quantiles"]["0.95"],
+        return {**config, **calibration, "margins": calibration["margins_by_recall"]["0.99"],
                 "fusion_weight": calibration["fusion_weight"]}
 
     if args.calibrate_only:  # the config changes, the weights do not
