@@ -20,6 +20,7 @@ from pathlib import Path
 import ir_measures
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
 from sieve.rankers.reranker import ARTIFACT
@@ -94,7 +95,7 @@ def rerank_depth(reranker, settings, peer, corpus, queries, qrels, qids, candida
     survivors = {name: [] for name in settings}
     overlap = {name: [] for name in settings}
     peer_seconds, peer_full_seconds = 0.0, 0.0
-    for n, (q, cands) in enumerate(zip(qids, candidates)):
+    for n, (q, cands) in enumerate(tqdm(list(zip(qids, candidates)), desc=f"top-{depth}", mininterval=10)):
         ids = cands.ids[:depth]
         passages = [passage_text(corpus[d]) for d in ids]
         for name, (options, margins) in settings.items():
