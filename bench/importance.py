@@ -27,7 +27,7 @@ import torch
 from ir_measures import R, nDCG
 from scipy.stats import ttest_rel
 
-from sieve.index.beir import DATASETS as DATA, load_beir, load_judged_queries, relevant
+from sieve.index.beir import DATASETS as DATA, cache_dir, load_beir, load_judged_queries, relevant
 from sieve.index.documents import Document
 from sieve.index.encoders import load_encoder
 from sieve.index.fusion import reciprocal_rank
@@ -37,8 +37,8 @@ from sieve.index.quality import score_passages, supervised
 from sieve.index.settings import CollectionSettings
 from sieve.index.term_weights import TERM_WEIGHTS_ARTIFACT
 
-CACHE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "importance"
-SHARED_DENSE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "reranker"
+CACHE = cache_dir("importance")
+SHARED_DENSE = cache_dir("reranker")
 RESULTS = Path(__file__).parent / "results"
 ESTIMATORS = ("unique_terms", "lm_divergence", "embedding_norm", "supervised", "random")  # random: the floor
 PRUNE_RATIOS = (0.0, 0.10, 0.25, 0.40)

@@ -27,7 +27,7 @@ import torch
 from ir_measures import R, nDCG
 from tqdm.auto import tqdm
 
-from sieve.index.beir import DATASETS, load_judged_queries
+from sieve.index.beir import DATASETS, cache_dir, load_judged_queries
 from sieve.index.documents import Document, read_jsonl
 from sieve.index.multivector import MultiVectorRetriever, TokenBatch
 from sieve.index.settings import CollectionSettings
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--factors", default="1,2,3,4")
     parser.add_argument("--others", default="cranfield,cisi,medline", help="datasets run at factors 1 and 4")
     parser.add_argument("--compressions", default="none,residual")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "mv")
+    parser.add_argument("--cache", type=Path, default=cache_dir("mv"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "multivector")
     args = parser.parse_args()

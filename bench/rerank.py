@@ -14,7 +14,6 @@ import argparse
 import json
 import tempfile
 import time
-import os
 from pathlib import Path
 
 import ir_measures
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
 from sieve.rankers.reranker import ARTIFACT
-from sieve.index.beir import DATASETS, load_beir, passage_text
+from sieve.index.beir import DATASETS, cache_dir, load_beir, passage_text
 from sieve.rankers.first_stage import FirstStage
 from sieve.service.client import SieveClient
 from sieve.service.process import ServerProcess
@@ -34,7 +33,6 @@ from .common import under_load
 
 NDCG = ir_measures.nDCG @ 10
 RESULTS = Path(__file__).parent / "results"
-CACHE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "reranker"
 RECALLS = ("0.99", "0.98", "0.95")  # calibrated margins kept for these shares of the final top 10
 
 
@@ -61,7 +59,7 @@ def ratio(a: float, b: float) -> float | None:
 
 def first_stage_run(name: str, depth: int = 100):
     corpus, queries, qrels = load_beir(DATASETS / name, "test")
-    stage = FirstStage(corpus, cache=CACHE / f"{name}_dense.npy")
+    stage = FirstStage(corpus, cache=cache_dir("reranker") / f"{name}_dense.npy")
     qids = sorted(queries)
     started = time.perf_counter()
     candidates = [stage.search([queries[q]], depth)[0] for q in qids]  # one at a time, like a service

@@ -14,6 +14,11 @@ MEASURES = ("nDCG@10", "R@100")
 DATASETS = Path(os.environ.get("SIEVE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
 
+def cache_dir(part: str) -> Path:
+    """Where training and benchmarks keep what they derive from datasets ($SIEVE_CACHE, read at call time)."""
+    return Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / part
+
+
 def load_corpus(folder: str | Path) -> dict[str, dict[str, str]]:
     """{document id: {"title", "text"}}."""
     with open(Path(folder) / "corpus.jsonl") as lines:

@@ -40,9 +40,9 @@ class FirstStage:
                         show_progress=False)
         self.encoder = load_encoder("")
         cached = Path(cache) if cache else None
-        if cached and cached.exists():
+        if cached and cached.exists() and len(np.load(cached, mmap_mode="r")) == len(texts):
             self.embeddings = np.load(cached)
-        else:
+        else:  # no cache, or one written for a corpus of another size
             self.embeddings = self.encoder.embed(texts, progress=True)
             if cached:
                 cached.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ import random
 import re
 import time
 from dataclasses import dataclass
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from sieve.index.beir import load_beir, passage_text
+from sieve.index.beir import cache_dir, load_beir, passage_text
 
 from .first_stage import SCIFACT_DIR as SCIFACT, FirstStage
 
-CACHE = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")) / "reranker"
 
 
 @dataclass
@@ -49,21 +47,19 @@ def teacher_scores(candidates, rows: list[int], bm25_extra: dict | None = None) 
     return [float(10 * candidates.dense[r] + 5 * candidates.bm25[r] / top_bm25) for r in rows]
 
 
-def split_train_queries(seed: int = 13, dev_size: int = 100, data: Path = SCIFACT) -> tuple[list[str], list[str]]:
+def split_train_queries(query_ids, seed: int = 13, dev_size: int = 100) -> tuple[list[str], list[str]]:
     """Train query ids, split into (train, dev); dev tunes fusion and pruning margins."""
-    _, queries, _ = load_beir(data, "train")
-    ids = sorted(queries)
+    ids = sorted(query_ids)
     random.Random(seed).shuffle(ids)
     dev_size = min(dev_size, len(ids) // 5)  # small folders keep most queries for training
     return ids[dev_size:], ids[:dev_size]
 
 
-def build_groups(first_stage: FirstStage, corpus: dict, group_size: int = 8, titles: int = 3000,
-                 sentences: int = 3000, supervised_repeats: int = 2, seed: int = 13,
-                 data: Path = SCIFACT) -> list[Group]:
+def build_groups(first_stage: FirstStage, corpus: dict, queries: dict, qrels: dict, group_size: int = 8,
+                 titles: int = 3000, sentences: int = 3000, supervised_repeats: int = 2, seed: int = 13) -> list[Group]:
+    """Groups from a BEIR train split (corpus, judged queries, qrels as load_beir returns them)."""
     rng = random.Random(seed)
-    _, queries, qrels = load_beir(data, "train")
-    train_ids, _ = split_train_queries(seed, data=data)
+    train_ids, _ = split_train_queries(queries, seed)
     doc_text = {d: passage_text(corpus[d]) for d in corpus}
     groups: list[Group] = []
 
@@ -192,8 +188,8 @@ def save_artifact(model, out: Path, config: dict) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: int = 30, k: int = 10,
-              recalls=(0.95, 0.98, 0.99, 0.995), dev_queries: int = 100, data: Path = SCIFACT) -> dict:
+def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: dict, qrels: dict, depth: int = 30,
+              k: int = 10, recalls=(0.95, 0.98, 0.99, 0.995), dev_queries: int = 100) -> dict:
     """On held-out SciFact train queries: per-layer pruning margins and the first-stage fusion weight.
 
     A layer's margin for recall r is how far below that layer's k-th best score a member of the final
@@ -204,8 +200,7 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, depth: in
 
     from sieve.index.fusion import weighted_scores
 
-    _, queries, qrels = load_beir(data, "train")
-    _, dev = split_train_queries(data=data)
+    _, dev = split_train_queries(queries)
     dev = dev[:dev_queries]
     candidates = first_stage.search([queries[q] for q in dev], depth)
     needed = {layer: [] for layer in model.checkpoint_layers[:-1]}
@@ -261,15 +256,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.dev_depth <= 10:
         parser.error("--dev-depth must exceed 10: margins are measured around the 10th-best score")
     torch.set_num_threads(args.threads)
-    dense_cache = CACHE / f"{args.data.name}_dense.npy"
+    dense_cache = cache_dir("reranker") / f"{args.data.name}_dense.npy"
     from .reranker import base_model, load_artifact
 
-    corpus, _, _ = load_beir(args.data, "train")
+    corpus, queries, qrels = load_beir(args.data, "train")
     first_stage = FirstStage(corpus, cache=dense_cache)
 
     def measure(model, tokenizer) -> dict:
-        return calibrate(model, tokenizer, first_stage, corpus, depth=args.dev_depth,
-                         dev_queries=args.dev_queries, data=args.data)
+        return calibrate(model, tokenizer, first_stage, corpus, queries, qrels, depth=args.dev_depth,
+                         dev_queries=args.dev_queries)
 
     def calibrated(config: dict, calibration: dict) -> dict:
         return {**config, **calibration, "margins": calibration["margins_by_recall"]["0.99"],
@@ -283,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(calibration))
         return
 
-    groups = build_groups(first_stage, corpus, titles=args.titles, sentences=args.sentences, data=args.data)
+    groups = build_groups(first_stage, corpus, queries, qrels, titles=args.titles, sentences=args.sentences)
     if args.resume:
         resumed = load_artifact(args.resume, "cpu", torch.float32)
         model, tokenizer = resumed.model, resumed.tokenizer

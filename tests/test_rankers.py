@@ -135,7 +135,7 @@ def test_shipped_reranker_beats_bm25_on_held_out_claims(reranker):
     bm25 = bm25s.BM25()
     bm25.index(bm25s.tokenize([passage_text(corpus[d]) for d in ids], stopwords="en", show_progress=False),
                show_progress=False)
-    _, held_out = split_train_queries()
+    _, held_out = split_train_queries(queries)
     bm25_rr, reranker_rr = [], []
     for q in held_out[:30]:
         rows, _ = bm25.retrieve(bm25s.tokenize([queries[q]], stopwords="en", show_progress=False), k=10,
