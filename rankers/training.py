@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.dev_depth <= 10:
         parser.error("--dev-depth must exceed 10: margins are measured around the 10th-best score")
+    for folder in filter(None, [args.resume, args.out if args.calibrate_only else None]):
+        if not (folder / "weights.safetensors").is_file() or not (folder / "config.json").is_file():
+            parser.error(f"{folder} is not a reranker artifact (weights.safetensors and config.json expected)")
     torch.set_num_threads(args.threads)
     dense_cache = cache_dir("reranker") / f"{args.data.name}_dense.npy"
     from .reranker import base_model, load_artifact
