@@ -33,18 +33,29 @@ from .common import under_load
 
 NDCG = ir_measures.nDCG @ 10
 RESULTS = Path(__file__).parent / "results"
-RECALLS = ("0.99", "0.98", "0.95")  # calibrated margins kept for these shares of the final top 10
+RECALLS = ("0.99", "0.95", "0.9")  # calibrated margins kept for these shares of the final top 10
 
 
-def pruning_settings(config: dict) -> dict[str, tuple[PruningOptions, dict | None]]:
-    """name -> (options, per-layer margins to use instead of the shipped ones, or None)."""
-    settings = {"full (no pruning)": (PruningOptions(prune=False), None)}
+def pruning_settings(config: dict) -> dict[str, PruningOptions]:
+    """The unpruned model, the shipped default, at each calibrated recall the checkpoints calibration
+    simulated as cheapest, and a fixed aggressive setting."""
+    settings = {"full (no pruning)": PruningOptions(prune=False)}
+    if config.get("default_checkpoints"):
+        settings[f"default @{_layers(config['default_checkpoints'])}"] = PruningOptions()
+    simulated = config.get("simulated_pruning", [])
     for recall in RECALLS:
+        at_recall = [s for s in simulated if s["recall"] == recall]
+        checkpoints = max(at_recall, key=lambda s: s["speedup"])["checkpoints"] if at_recall else [1, 2, 3, 4, 5]
         margins = config.get("margins_by_recall", {}).get(recall)
         if margins:
-            settings[f"prune @1-5, recall {recall}"] = (PruningOptions(), {int(l): m for l, m in margins.items()})
-    settings["prune @1,2 margin 0.5"] = (PruningOptions(checkpoints=(1, 2), margin=0.5), None)
+            settings[f"prune @{_layers(checkpoints)}, recall {recall}"] = PruningOptions(
+                checkpoints=tuple(checkpoints), margins={int(l): m for l, m in margins.items()})
+    settings["prune @1,2 margin 0.5"] = PruningOptions(checkpoints=(1, 2), margin=0.5)
     return settings
+
+
+def _layers(checkpoints) -> str:
+    return ",".join(map(str, checkpoints))
 
 
 def ndcg(run: dict[str, list[tuple[str, float]]], qrels: dict) -> float:
@@ -86,7 +97,6 @@ def peer_folder(reranker) -> str:
 def rerank_depth(reranker, settings, peer, corpus, queries, qrels, qids, candidates, depth, limit, weight,
                  peer_queries):
     qids, candidates = qids[:limit], candidates[:limit]
-    shipped_margins = reranker.margins
     runs = {name: {} for name in settings}
     fused = {name: {} for name in settings}
     seconds = {name: 0.0 for name in settings}
@@ -96,15 +106,13 @@ def rerank_depth(reranker, settings, peer, corpus, queries, qrels, qids, candida
     for n, (q, cands) in enumerate(tqdm(list(zip(qids, candidates)), desc=f"top-{depth}", mininterval=10)):
         ids = cands.ids[:depth]
         passages = [passage_text(corpus[d]) for d in ids]
-        for name, (options, margins) in settings.items():
-            reranker.margins = margins or shipped_margins
+        for name, options in settings.items():
             started = time.perf_counter()
             result = reranker.rerank(queries[q], passages, 10, options)
             seconds[name] += time.perf_counter() - started
             runs[name][q] = [(ids[i], s) for i, s in zip(result.order, result.scores)]
             fused[name][q] = [(ids[i], s) for i, s in fuse_with_first_stage(result, cands.rrf[:depth].tolist(), weight)]
             survivors[name].append(result.survivors)
-        reranker.margins = shipped_margins
         if peer is not None and n < peer_queries:  # latency only, on a prefix of the queries
             started = time.perf_counter()
             peer.predict([(queries[q], p) for p in passages], batch_size=32, show_progress_bar=False)

@@ -34,13 +34,14 @@ TOKEN_BUDGET = 32_768  # tokens in one forward chunk: bounds memory whatever the
 class PruningOptions:
     """prune: drop candidates at checkpoint layers. checkpoints: 1-based layers to prune at (None: the
     reranker's defaults). margin: score units below the k-th best that a candidate may trail and
-    survive (None: the per-layer margins calibrated on held-out training queries). safety: survivors
-    beyond k that are always kept."""
+    survive, at every checkpoint; margins: the same per layer ({layer: margin}); neither: the per-layer
+    margins calibrated on held-out training queries. safety: survivors beyond k that are always kept."""
 
     prune: bool = True
     checkpoints: tuple[int, ...] | None = None
     margin: float | None = None
     safety: int = 5
+    margins: dict[int, float] | None = None
 
     def __post_init__(self):
         if not isinstance(self.prune, bool):
@@ -52,11 +53,20 @@ class PruningOptions:
             if list(self.checkpoints) != sorted(set(self.checkpoints)):
                 raise InvalidArgument(f"checkpoints must be strictly increasing, got {self.checkpoints!r}")
             object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
-        if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(self.margin, (int, float))
-                                        or not math.isfinite(self.margin) or self.margin < 0):
+        if self.margin is not None and not _is_margin(self.margin):
             raise InvalidArgument(f"margin must be a finite number >= 0 or unset, got {self.margin!r}")
+        if self.margins is not None:
+            if self.margin is not None:
+                raise InvalidArgument("set margin (every layer) or margins (per layer), not both")
+            if (not isinstance(self.margins, dict) or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 1
+                                                              and _is_margin(m) for l, m in self.margins.items())):
+                raise InvalidArgument(f"margins must map layer numbers >= 1 to finite numbers >= 0, got {self.margins!r}")
         if isinstance(self.safety, bool) or not isinstance(self.safety, int) or not 0 <= self.safety <= MAX_PASSAGES:
             raise InvalidArgument(f"safety must be an integer in [0, {MAX_PASSAGES}], got {self.safety!r}")
+
+
+def _is_margin(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
 
 
 NO_PRUNING = PruningOptions(prune=False)
@@ -144,7 +154,7 @@ class Reranker:
             raise InvalidArgument("options must be a PruningOptions")
         if not options.prune:
             return
-        requested = options.checkpoints or self.checkpoint_layers
+        requested = sorted(set(options.checkpoints or self.checkpoint_layers) | set(options.margins or ()))
         beyond = [c for c in requested if c > self.num_layers]
         if beyond:
             raise InvalidArgument(f"no trained score head at layer(s) {beyond}: this reranker has "
@@ -185,6 +195,23 @@ def keep_count(sorted_scores: torch.Tensor, k: int, margin: float, safety: int) 
     return keep
 
 
+def simulate_pruning(layer_scores: torch.Tensor, k: int, checkpoints, margins: dict[int, float],
+                     safety: int = 5) -> tuple[list[int], torch.Tensor, int]:
+    """What LayeredReranker's pruning does to one request, from every layer's unpruned scores [layers, n]
+    (a candidate's score never depends on the others): (survivors per checkpoint, final order of the
+    survivors, rows run through layers). Calibration searches pruning settings with it."""
+    num_layers, n = layer_scores.shape
+    alive, survivors, rows = torch.arange(n), [n], 0
+    for layer in range(1, num_layers + 1):
+        rows += len(alive)
+        if layer in checkpoints and layer < num_layers:
+            ranked = torch.argsort(layer_scores[layer - 1, alive], descending=True, stable=True)
+            keep = keep_count(layer_scores[layer - 1, alive][ranked], k, margins.get(layer, math.inf), safety)
+            alive = alive[ranked[:keep]].sort().values
+            survivors.append(keep)
+    return survivors, alive[torch.argsort(layer_scores[-1, alive], descending=True, stable=True)], rows
+
+
 class LayeredReranker(Reranker):
     """A LayeredCrossEncoder with calibrated pruning margins, layer by layer over a stack of requests."""
 
@@ -195,8 +222,8 @@ class LayeredReranker(Reranker):
         self.device, self.dtype = device, dtype
         self.num_layers = model.num_layers
         self.checkpoint_layers = model.checkpoint_layers
-        self.default_checkpoints = tuple(config.get("default_checkpoints") or
-                                         [c for c in self.checkpoint_layers if c < self.num_layers])
+        self.default_checkpoints = tuple(config["default_checkpoints"] if "default_checkpoints" in config
+                                         else [c for c in self.checkpoint_layers if c < self.num_layers])
         self.margins = {int(layer): float(m) for layer, m in config.get("margins", {}).items()}
         self.fusion_weight = config.get("fusion_weight")
         self.rows_processed = [0] * (self.num_layers + 1)  # rows run through each layer (for tests, metrics)
@@ -238,7 +265,7 @@ class LayeredReranker(Reranker):
                 k, options = settings[i]
                 rows = (owner == i).nonzero().squeeze(1)
                 ranked = torch.argsort(scores[rows], descending=True, stable=True)
-                margin = options.margin if options.margin is not None else self.margins.get(layer, math.inf)
+                margin = self.margin_at(layer, options)
                 keep = keep_count(scores[rows][ranked], k, margin, options.safety)
                 alive[rows[ranked[keep:]]] = False
                 survivors[i].append(keep)
@@ -256,6 +283,11 @@ class LayeredReranker(Reranker):
             results.append(RerankResult(order=row_in_request[rows][ranked].tolist(),
                                         scores=scores[rows][ranked].tolist(), survivors=survivors[i]))
         return results
+
+    def margin_at(self, layer: int, options: PruningOptions) -> float:
+        if options.margin is not None:
+            return options.margin
+        return (self.margins if options.margins is None else options.margins).get(layer, math.inf)
 
     def _score(self, layer, hidden, lengths, query_mask, passage_mask) -> torch.Tensor:
         return torch.cat([self.model.score(layer, hidden[start:stop, :width], query_mask[start:stop, :width],

@@ -188,48 +188,76 @@ def save_artifact(model, out: Path, config: dict) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+PRUNING_CANDIDATES = ((1, 2, 3, 4, 5), (1, 3, 5), (2, 4), (1, 3), (1, 2), (2, 3), (1,), (2,), (3,))
+HEAD_COST = 0.05  # a checkpoint head scores a row for about a twentieth of a layer's work (T x T MaxSim)
+
+
 def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: dict, qrels: dict, depth: int = 30,
-              k: int = 10, recalls=(0.95, 0.98, 0.99, 0.995), dev_queries: int = 100) -> dict:
-    """On held-out SciFact train queries: per-layer pruning margins and the first-stage fusion weight.
+              k: int = 10, recalls=(0.9, 0.95, 0.98, 0.99, 0.995), dev_queries: int = 100,
+              min_overlap: float = 0.98) -> dict:
+    """On held-out SciFact train queries: per-layer pruning margins, the default pruning setting, and the
+    first-stage fusion weight.
 
     A layer's margin for recall r is how far below that layer's k-th best score a member of the final
-    top-k may fall and still survive, such that a share r of all final top-k members survive it. The
-    fusion weight (> 0) maximises dev nDCG@10 of the reranker's final scores interpolated with the RRF
-    scores (both min-max normalised)."""
+    top-k may fall and still survive, such that a share r of all final top-k members survive it. Every
+    (checkpoints, recall) pair is then simulated on the same scores (exact: a candidate's score does not
+    depend on the others); the default is the cheapest whose top-k overlap with the unpruned ranking is
+    at least `min_overlap`. The fusion weight (> 0) maximises dev nDCG@10 of the reranker's final scores
+    interpolated with the RRF scores (both min-max normalised)."""
     import ir_measures
 
     from sieve.index.fusion import weighted_scores
 
+    from .reranker import simulate_pruning
+
     _, dev = split_train_queries(queries)
     dev = dev[:dev_queries]
     candidates = first_stage.search([queries[q] for q in dev], depth)
-    needed = {layer: [] for layer in model.checkpoint_layers[:-1]}
-    final_scores = []
+    layer_scores = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for cands in tqdm(candidates, desc="calibrating", mininterval=10):
-            batch = tokenizer([queries[dev[len(final_scores)]]] * len(cands.ids),
-                              [passage_text(corpus[d]) for d in cands.ids], truncation="longest_first",
-                              max_length=256, padding=True, return_tensors="pt")
-            scores = model(dict(batch)).float()
-            top = torch.argsort(scores[-1], descending=True)[:k]
-            for i, layer in enumerate(model.checkpoint_layers[:-1]):
-                kth = torch.sort(scores[i], descending=True).values[k - 1]
-                needed[layer].extend((kth - scores[i][top]).tolist())
-            final_scores.append(scores[-1].tolist())
+        for q, cands in tqdm(list(zip(dev, candidates)), desc="calibrating", mininterval=10):
+            batch = tokenizer([queries[q]] * len(cands.ids), [passage_text(corpus[d]) for d in cands.ids],
+                              truncation="longest_first", max_length=256, padding=True, return_tensors="pt")
+            layer_scores.append(model(dict(batch)).float())
+    needed = {layer: [] for layer in model.checkpoint_layers[:-1]}
+    for scores in layer_scores:
+        top = torch.argsort(scores[-1], descending=True)[:k]
+        for i, layer in enumerate(model.checkpoint_layers[:-1]):
+            kth = torch.sort(scores[i], descending=True).values[k - 1]
+            needed[layer].extend((kth - scores[i][top]).tolist())
     margins = {str(r): {str(layer): max(0.0, float(np.quantile(v, r, method="higher"))) for layer, v in needed.items()}
                for r in recalls}
+
+    simulated = []
+    for checkpoints in (c for c in PRUNING_CANDIDATES if set(c) <= set(model.checkpoint_layers)):
+        for recall in map(str, recalls):
+            per_layer = {int(layer): m for layer, m in margins[recall].items()}
+            rows, overlap = 0.0, []
+            for scores in layer_scores:
+                survivors, order, run = simulate_pruning(scores, k, checkpoints, per_layer)
+                rows += run + HEAD_COST * sum(survivors[:-1])
+                full = set(torch.argsort(scores[-1], descending=True)[:k].tolist())
+                overlap.append(len(full & set(order[:k].tolist())) / len(full))
+            full_rows = sum(s.shape[0] * s.shape[1] for s in layer_scores)
+            simulated.append({"checkpoints": list(checkpoints), "recall": recall, "speedup": round(full_rows / rows, 3),
+                              "top10_overlap": round(float(np.mean(overlap)), 4)})
+    safe = [s for s in simulated if s["top10_overlap"] >= min_overlap] or [{"checkpoints": [], "speedup": 1.0}]
+    chosen = max(safe, key=lambda s: s["speedup"])
+
     qrel_list = [ir_measures.Qrel(q, d, r) for q in dev for d, r in qrels[q].items()]
     by_weight = {}
     for weight in np.round(np.arange(0, 1.01, 0.1), 2):
         run = []
-        for q, cands, scores in zip(dev, candidates, final_scores):
-            fused = weighted_scores({"reranker": list(zip(cands.ids, scores)), "first": list(zip(cands.ids, cands.rrf))},
+        for q, cands, scores in zip(dev, candidates, layer_scores):
+            fused = weighted_scores({"reranker": list(zip(cands.ids, scores[-1].tolist())),
+                                     "first": list(zip(cands.ids, cands.rrf))},
                                     {"reranker": float(weight), "first": float(1 - weight)})
             run += [ir_measures.ScoredDoc(q, d, float(s)) for d, s in fused]
         by_weight[float(weight)] = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], qrel_list, run)[ir_measures.nDCG @ 10]
     with_reranker = {w: v for w, v in by_weight.items() if w > 0}  # weight 0 is the first stage alone
-    return {"margins_by_recall": margins, "dev_ndcg10_by_fusion_weight": by_weight,
-            "fusion_weight": max(with_reranker, key=with_reranker.get), "dev_queries": len(dev), "dev_depth": depth}
+    return {"margins_by_recall": margins, "simulated_pruning": simulated, "pruning": chosen,
+            "dev_ndcg10_by_fusion_weight": by_weight, "fusion_weight": max(with_reranker, key=with_reranker.get),
+            "dev_queries": len(dev), "dev_depth": depth}
 
 
 def train_reranker(data_dir: str | Path, out_dir: str | Path) -> None:
@@ -270,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
                          dev_queries=args.dev_queries)
 
     def calibrated(config: dict, calibration: dict) -> dict:
-        return {**config, **calibration, "margins": calibration["margins_by_recall"]["0.99"],
+        chosen = calibration["pruning"]  # the cheapest setting that keeps the dev top 10
+        return {**config, **calibration, "default_checkpoints": chosen["checkpoints"],
+                "margins": calibration["margins_by_recall"].get(chosen.get("recall"), {}),
                 "fusion_weight": calibration["fusion_weight"]}
 
     if args.calibrate_only:  # the config changes, the weights do not

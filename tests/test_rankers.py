@@ -82,8 +82,32 @@ def test_rerank_many_matches_one_at_a_time(reranker, passages):
         assert result.scores == pytest.approx(alone.scores, abs=1e-4)
 
 
+@pytest.mark.parametrize("checkpoints, margins", [((1, 3), {1: 0.5, 3: 0.2}), ((2,), {2: 1.0}), ((1, 2, 3, 4, 5), {})])
+def test_simulated_pruning_is_what_the_reranker_does(reranker, passages, checkpoints, margins):
+    """Calibration chooses settings by simulating them on unpruned per-layer scores; that is only sound
+    if the reranker, pruning for real, keeps the same candidates and orders them the same way."""
+    from sieve.rankers.reranker import simulate_pruning
+
+    batch = reranker.encode(QUERY, passages)
+    with torch.inference_mode():
+        layer_scores = reranker.model(batch).float()  # [6, n], every head on every candidate
+    survivors, order, rows = simulate_pruning(layer_scores, 5, checkpoints, margins, safety=2)
+    before = sum(reranker.rows_processed)
+    result = reranker.rerank(QUERY, passages, 5, PruningOptions(checkpoints=checkpoints, margins=margins, safety=2))
+    assert result.survivors == survivors and result.order == order.tolist()
+    assert sum(reranker.rows_processed) - before == rows
+    if not margins:  # no margin at any layer: nothing is pruned
+        assert survivors == [len(passages)] * 6 and rows == 6 * len(passages)
+
+
+def test_per_layer_margins_apply_to_their_layer_only(reranker, passages):
+    tight = reranker.rerank(QUERY, passages, 3, PruningOptions(checkpoints=(1, 2), margins={2: 0.0}, safety=0))
+    assert tight.survivors[1] == len(passages) and tight.survivors[2] < len(passages)
+
+
 @pytest.mark.parametrize("options", [
-    dict(checkpoints=(3, 2)), dict(checkpoints=()), dict(checkpoints=(0,)), dict(checkpoints=(1, 1)),
+    dict(margins={1: -0.5}), dict(margins={0: 1.0}), dict(margins={"1": 1.0}), dict(margins=[1.0]),
+    dict(margin=1.0, margins={1: 1.0}), dict(checkpoints=(3, 2)), dict(checkpoints=()), dict(checkpoints=(0,)), dict(checkpoints=(1, 1)),
     dict(margin=-1.0), dict(margin=float("nan")), dict(safety=-1), dict(safety=1.5), dict(prune="yes"),
 ])
 def test_bad_options_are_refused(options):
@@ -108,6 +132,8 @@ def test_bad_requests_are_refused(reranker, query, passages, k, message):
 def test_checkpoint_outside_the_model_is_refused(reranker, passages):
     with pytest.raises(InvalidArgument, match="no trained score head"):
         reranker.rerank(QUERY, passages, 3, PruningOptions(checkpoints=(2, 9)))
+    with pytest.raises(InvalidArgument, match="no trained score head"):
+        reranker.rerank(QUERY, passages, 3, PruningOptions(margins={9: 1.0}))
 
 
 def test_external_cross_encoder_refuses_early_pruning(tmp_path, passages):
