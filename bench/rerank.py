@@ -33,23 +33,23 @@ from .common import under_load
 
 NDCG = ir_measures.nDCG @ 10
 RESULTS = Path(__file__).parent / "results"
-RECALLS = ("0.99", "0.95", "0.9")  # calibrated margins kept for these shares of the final top 10
+DEV_OVERLAPS = (0.99, 0.95, 0.9)  # besides the default: the cheapest calibrated settings at these dev overlaps
 
 
 def pruning_settings(config: dict) -> dict[str, PruningOptions]:
-    """The unpruned model, the shipped default, at each calibrated recall the checkpoints calibration
-    simulated as cheapest, and a fixed aggressive setting."""
+    """The unpruned model, the shipped default, the cheapest settings on calibration's simulated frontier
+    at a few dev top-10 overlaps, and a fixed aggressive setting."""
     settings = {"full (no pruning)": PruningOptions(prune=False)}
     if config.get("default_checkpoints"):
         settings[f"default @{_layers(config['default_checkpoints'])}"] = PruningOptions()
-    simulated = config.get("simulated_pruning", [])
-    for recall in RECALLS:
-        at_recall = [s for s in simulated if s["recall"] == recall]
-        checkpoints = max(at_recall, key=lambda s: s["speedup"])["checkpoints"] if at_recall else [1, 2, 3, 4, 5]
-        margins = config.get("margins_by_recall", {}).get(recall)
-        if margins:
-            settings[f"prune @{_layers(checkpoints)}, recall {recall}"] = PruningOptions(
-                checkpoints=tuple(checkpoints), margins={int(l): m for l, m in margins.items()})
+    frontier = config.get("pruning_frontier", [])
+    for overlap in DEV_OVERLAPS:
+        safe = [s for s in frontier if s["top10_overlap"] >= overlap]
+        if safe:
+            best = max(safe, key=lambda s: s["speedup"])
+            settings.setdefault(f"prune @{_layers(best['checkpoints'])}, dev overlap {best['top10_overlap']:.3f}",
+                                PruningOptions(checkpoints=tuple(best["checkpoints"]),
+                                               margins={int(l): m for l, m in best["margins"].items()}))
     settings["prune @1,2 margin 0.5"] = PruningOptions(checkpoints=(1, 2), margin=0.5)
     return settings
 

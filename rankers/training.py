@@ -16,6 +16,7 @@ Only the top layers and the heads are trained; the artifact stores just those we
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import re
@@ -192,6 +193,38 @@ PRUNING_CANDIDATES = ((1, 2, 3, 4, 5), (1, 3, 5), (2, 4), (1, 3), (1, 2), (2, 3)
 HEAD_COST = 0.05  # a checkpoint head scores a row for about a twentieth of a layer's work (T x T MaxSim)
 
 
+def pruning_frontier(layer_scores: list, margins_by_recall: dict, k: int = 10) -> list[dict]:
+    """Simulate every checkpoint set of PRUNING_CANDIDATES with every per-layer choice of calibrated
+    margin; keep the settings no other beats on both speedup and top-k overlap with the unpruned ranking."""
+    from .reranker import simulate_pruning
+
+    layer_scores = [np.asarray(s, dtype=np.float32) for s in layer_scores]
+    full_rows = sum(s.size for s in layer_scores)
+    full_tops = [set(np.argsort(-s[-1], kind="stable")[:k].tolist()) for s in layer_scores]
+    recalls = sorted(margins_by_recall)
+    settings = []
+    for checkpoints in PRUNING_CANDIDATES:
+        if not all(str(c) in margins_by_recall[recalls[0]] for c in checkpoints):
+            continue
+        for chosen in itertools.product(recalls, repeat=len(checkpoints)):
+            margins = {c: margins_by_recall[r][str(c)] for c, r in zip(checkpoints, chosen)}
+            rows, overlap = 0.0, 0.0
+            for scores, full in zip(layer_scores, full_tops):
+                survivors, order, run = simulate_pruning(scores, k, checkpoints, margins)
+                rows += run + HEAD_COST * sum(survivors[:-1])
+                overlap += len(full & set(order[:k].tolist())) / len(full)
+            settings.append({"checkpoints": list(checkpoints), "recalls": dict(zip(map(str, checkpoints), chosen)),
+                             "margins": {str(c): m for c, m in margins.items()}, "speedup": round(full_rows / rows, 3),
+                             "top10_overlap": round(overlap / len(layer_scores), 4)})
+    settings.sort(key=lambda s: (-s["top10_overlap"], -s["speedup"]))
+    frontier, fastest = [], 0.0
+    for setting in settings:  # by falling overlap: keep each that is faster than every safer one
+        if setting["speedup"] > fastest:
+            frontier.append(setting)
+            fastest = setting["speedup"]
+    return frontier
+
+
 def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: dict, qrels: dict, depth: int = 30,
               k: int = 10, recalls=(0.9, 0.95, 0.98, 0.99, 0.995), dev_queries: int = 100,
               min_overlap: float = 0.98) -> dict:
@@ -199,16 +232,14 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: 
     first-stage fusion weight.
 
     A layer's margin for recall r is how far below that layer's k-th best score a member of the final
-    top-k may fall and still survive, such that a share r of all final top-k members survive it. Every
-    (checkpoints, recall) pair is then simulated on the same scores (exact: a candidate's score does not
-    depend on the others); the default is the cheapest whose top-k overlap with the unpruned ranking is
-    at least `min_overlap`. The fusion weight (> 0) maximises dev nDCG@10 of the reranker's final scores
+    top-k may fall and still survive, such that a share r of all final top-k members survive it. Pruning
+    settings built from these margins are then simulated on the same scores (exact: a candidate's score
+    does not depend on the others); the default is the cheapest whose top-k overlap with the unpruned
+    ranking is at least `min_overlap`. The fusion weight (> 0) maximises dev nDCG@10 of the reranker's final scores
     interpolated with the RRF scores (both min-max normalised)."""
     import ir_measures
 
     from sieve.index.fusion import weighted_scores
-
-    from .reranker import simulate_pruning
 
     _, dev = split_train_queries(queries)
     dev = dev[:dev_queries]
@@ -228,21 +259,9 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: 
     margins = {str(r): {str(layer): max(0.0, float(np.quantile(v, r, method="higher"))) for layer, v in needed.items()}
                for r in recalls}
 
-    simulated = []
-    for checkpoints in (c for c in PRUNING_CANDIDATES if set(c) <= set(model.checkpoint_layers)):
-        for recall in map(str, recalls):
-            per_layer = {int(layer): m for layer, m in margins[recall].items()}
-            rows, overlap = 0.0, []
-            for scores in layer_scores:
-                survivors, order, run = simulate_pruning(scores, k, checkpoints, per_layer)
-                rows += run + HEAD_COST * sum(survivors[:-1])
-                full = set(torch.argsort(scores[-1], descending=True)[:k].tolist())
-                overlap.append(len(full & set(order[:k].tolist())) / len(full))
-            full_rows = sum(s.shape[0] * s.shape[1] for s in layer_scores)
-            simulated.append({"checkpoints": list(checkpoints), "recall": recall, "speedup": round(full_rows / rows, 3),
-                              "top10_overlap": round(float(np.mean(overlap)), 4)})
-    safe = [s for s in simulated if s["top10_overlap"] >= min_overlap] or [{"checkpoints": [], "speedup": 1.0}]
-    chosen = max(safe, key=lambda s: s["speedup"])
+    frontier = pruning_frontier(layer_scores, margins, k)
+    safe = [s for s in frontier if s["top10_overlap"] >= min_overlap]
+    chosen = max(safe, key=lambda s: s["speedup"]) if safe else {"checkpoints": [], "margins": {}, "speedup": 1.0}
 
     qrel_list = [ir_measures.Qrel(q, d, r) for q in dev for d, r in qrels[q].items()]
     by_weight = {}
@@ -255,7 +274,7 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: 
             run += [ir_measures.ScoredDoc(q, d, float(s)) for d, s in fused]
         by_weight[float(weight)] = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], qrel_list, run)[ir_measures.nDCG @ 10]
     with_reranker = {w: v for w, v in by_weight.items() if w > 0}  # weight 0 is the first stage alone
-    return {"margins_by_recall": margins, "simulated_pruning": simulated, "pruning": chosen,
+    return {"margins_by_recall": margins, "pruning_frontier": frontier, "pruning": chosen,
             "dev_ndcg10_by_fusion_weight": by_weight, "fusion_weight": max(with_reranker, key=with_reranker.get),
             "dev_queries": len(dev), "dev_depth": depth}
 
@@ -299,8 +318,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def calibrated(config: dict, calibration: dict) -> dict:
         chosen = calibration["pruning"]  # the cheapest setting that keeps the dev top 10
-        return {**config, **calibration, "default_checkpoints": chosen["checkpoints"],
-                "margins": calibration["margins_by_recall"].get(chosen.get("recall"), {}),
+        return {**config, **calibration, "default_checkpoints": chosen["checkpoints"], "margins": chosen["margins"],
                 "fusion_weight": calibration["fusion_weight"]}
 
     if args.calibrate_only:  # the config changes, the weights do not

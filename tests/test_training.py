@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from sieve.index.beir import load_beir
 from sieve.rankers import load_reranker
 from sieve.rankers.reranker import base_model
-from sieve.rankers.training import main as train_main
+from sieve.rankers.training import main as train_main, pruning_frontier
 
 from conftest import dataset
 
@@ -43,7 +43,11 @@ def test_training_writes_a_loadable_artifact_of_only_the_trained_weights(small_b
     config = json.loads((out / "config.json").read_text())
     curve = config["training"]["dev_curve"]
     assert len(curve) >= 2 and config["training"]["steps"] > 0  # periodic checkpoints plus the final one
-    assert set(config["margins"]) == {"1", "2", "3", "4", "5"} and 0 < config["fusion_weight"] <= 1
+    assert set(config["margins_by_recall"]["0.99"]) == {"1", "2", "3", "4", "5"} and 0 < config["fusion_weight"] <= 1
+    assert set(config["margins"]) == set(map(str, config["default_checkpoints"]))  # the chosen setting's
+    frontier = config["pruning_frontier"]
+    assert frontier and all(a["top10_overlap"] >= b["top10_overlap"] and a["speedup"] < b["speedup"]
+                            for a, b in zip(frontier, frontier[1:]))
 
     stored = load_file(str(out / "weights.safetensors"))
     layers = {int(key.split(".")[3]) for key in stored if key.startswith("bert.encoder.layer.")}
@@ -67,3 +71,18 @@ def test_training_resumes_from_an_artifact(small_beir, tmp_path, monkeypatch):
     key = "bert.encoder.layer.5.output.dense.weight"
     assert not torch.equal(before[key], after[key])  # it trained on from there ...
     assert (before[key].float() - after[key].float()).abs().max() < 0.05  # ... not from scratch
+
+
+def test_pruning_frontier_trades_overlap_for_speed():
+    """Early heads that already know the final order prune safely; noisy ones must give up overlap to save."""
+    g = torch.Generator().manual_seed(0)
+    final = [torch.randn(60, generator=g) for _ in range(20)]
+    perfect = [torch.stack([f] * 6) for f in final]
+    margins = {r: {str(l): m for l in range(1, 6)} for r, m in (("0.9", 0.1), ("0.99", 1.0))}
+    frontier = pruning_frontier(perfect, margins)
+    assert max(s["speedup"] for s in frontier) > 2.5 and all(s["top10_overlap"] == 1.0 for s in frontier)
+
+    noisy = [torch.stack([f + torch.randn(60, generator=g) * (6 - l) / 3 for l in range(1, 7)]) for f in final]
+    frontier = pruning_frontier(noisy, margins)
+    assert len(frontier) >= 2 and frontier[0]["top10_overlap"] > frontier[-1]["top10_overlap"]
+    assert frontier[0]["speedup"] < frontier[-1]["speedup"]
