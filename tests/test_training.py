@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from sieve.index.beir import load_beir
 from sieve.rankers import load_reranker
 from sieve.rankers.reranker import base_model
-from sieve.rankers.training import main as train_main, pruning_frontier
+from sieve.rankers.training import main as train_main, pruning_frontier, save_artifact
 
 from conftest import dataset
 
@@ -66,11 +66,31 @@ def test_training_resumes_from_an_artifact(small_beir, tmp_path, monkeypatch):
     train_main(common + ["--out", str(first)])
     train_main(common + ["--out", str(second), "--resume", str(first)])
     assert json.loads((second / "config.json").read_text())["resumed_from"] == str(first)
-    before, after = load_file(str(first / "weights.safetensors")), load_file(str(second / "weights.safetensors"))
-    assert before.keys() == after.keys()
-    key = "bert.encoder.layer.5.output.dense.weight"
-    assert not torch.equal(before[key], after[key])  # it trained on from there ...
-    assert (before[key].float() - after[key].float()).abs().max() < 0.05  # ... not from scratch
+    assert load_file(str(first / "weights.safetensors")).keys() == load_file(str(second / "weights.safetensors")).keys()
+    before, after = (load_reranker(str(folder), dtype="float32").model.bert.encoder.layer[5].output.dense.weight
+                     for folder in (first, second))
+    assert not torch.equal(before, after)  # it trained on from there ...
+    assert (before - after).abs().max() < 0.05  # ... not from scratch
+
+
+def test_artifact_stores_int8_deltas_that_load_back_within_their_rounding(tmp_path):
+    model, _ = base_model()
+    base = {name: p.detach().clone() for name, p in model.bert.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.bert.encoder.layer[5].parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.002)
+    save_artifact(model, tmp_path, {"checkpoint_layers": list(model.checkpoint_layers), "max_length": 256,
+                                    "training": {"trainable_layers": [6]}}, base)
+    stored = load_file(str(tmp_path / "weights.safetensors"))
+    assert stored["bert.encoder.layer.5.output.dense.weight.delta_int8"].dtype == torch.int8
+    assert not any(".layer.4." in key for key in stored)  # untrained layers are not stored
+    loaded = load_reranker(str(tmp_path), dtype="float32").model
+    for (name, trained), (_, back) in zip(model.bert.encoder.layer[5].named_parameters(),
+                                          loaded.bert.encoder.layer[5].named_parameters()):
+        delta = (trained - base[f"encoder.layer.5.{name}"]).abs().max()
+        assert (trained - back).abs().max() <= delta / 254 + 1e-3 * trained.abs().max(), name
+        assert not torch.equal(back, base[f"encoder.layer.5.{name}"])
 
 
 def test_pruning_frontier_trades_overlap_for_speed():
