@@ -228,6 +228,9 @@ class LayeredReranker(Reranker):
         self.default_checkpoints = tuple(config["default_checkpoints"] if "default_checkpoints" in config
                                          else [c for c in self.checkpoint_layers if c < self.num_layers])
         self.margins = {int(layer): float(m) for layer, m in config.get("margins", {}).items()}
+        # a checkpoint outside the default setting: the margin that kept 99% of the dev top 10 there
+        self.single_layer_margins = {int(layer): float(m) for layer, m in
+                                     config.get("margins_by_recall", {}).get("0.99", {}).items()}
         self.fusion_weight = config.get("fusion_weight")
         self.rows_processed = [0] * (self.num_layers + 1)  # rows run through each layer (for tests, metrics)
 
@@ -290,7 +293,9 @@ class LayeredReranker(Reranker):
     def margin_at(self, layer: int, options: PruningOptions) -> float:
         if options.margin is not None:
             return options.margin
-        return (self.margins if options.margins is None else options.margins).get(layer, math.inf)
+        if options.margins is not None:
+            return options.margins.get(layer, math.inf)
+        return self.margins.get(layer, self.single_layer_margins.get(layer, math.inf))
 
     def _score(self, layer, hidden, lengths, query_mask, passage_mask) -> torch.Tensor:
         return torch.cat([self.model.score(layer, hidden[start:stop, :width], query_mask[start:stop, :width],
