@@ -181,7 +181,7 @@ def _stack(batches: list[dict]) -> dict:
             for key in batches[0]}
 
 
-def keep_count(sorted_scores: torch.Tensor, k: int, margin: float, safety: int) -> int:
+def keep_count(sorted_scores: torch.Tensor | np.ndarray, k: int, margin: float, safety: int) -> int:
     """How many of the (descending) scores survive: within `margin` of the k-th best, at least k + safety,
     and the cut moved down to the next gap of at least a tenth of the margin, so ties stay together."""
     n = len(sorted_scores)

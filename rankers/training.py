@@ -9,7 +9,9 @@ Loss at every checkpoint layer: listwise cross-entropy against the label, KL tow
 layer's distribution (deep supervision, so early heads learn the final order), and Margin-MSE
 against the first stage's score margins (distillation of the fused first stage).
 
-Only the top layers and the heads are trained; the artifact stores just those weights (fp16).
+The top `--trainable-top` layers (default: all six, so deep supervision reaches the layers the early
+heads read) and the heads are trained; the artifact stores only those, as int8 deltas over the
+packaged weights.
 
     python -m sieve.rankers.training --minutes 60 --out rankers/artifacts/minilm-l6-pruning
 """
@@ -118,7 +120,7 @@ def group_loss(scores: torch.Tensor, teacher: torch.Tensor, distill_weight: floa
     return loss
 
 
-def train(model, tokenizer, groups: list[Group], minutes: float, trainable_top: int = 2, lr: float = 5e-5,
+def train(model, tokenizer, groups: list[Group], minutes: float, trainable_top: int = 6, lr: float = 5e-5,
           head_lr: float = 1e-3, max_length: int = 192, seed: int = 13, bf16: bool = True, log_every: int = 50,
           checkpoint_minutes: float = 0, on_checkpoint=None) -> dict:
     """Train the top `trainable_top` layers and every head for `minutes`, epoch after epoch (reshuffled).
@@ -246,8 +248,8 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: 
     top-k may fall and still survive, such that a share r of all final top-k members survive it. Pruning
     settings built from these margins are then simulated on the same scores (exact: a candidate's score
     does not depend on the others); the default is the cheapest whose top-k overlap with the unpruned
-    ranking is at least `min_overlap`. The fusion weight (> 0) maximises dev nDCG@10 of the reranker's final scores
-    interpolated with the RRF scores (both min-max normalised)."""
+    ranking is at least `min_overlap`. The fusion weight (> 0) maximises dev nDCG@10 of the reranker's
+    final scores interpolated with the RRF scores (both min-max normalised)."""
     import ir_measures
 
     from sieve.index.fusion import weighted_scores
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=60)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "artifacts" / "minilm-l6-pruning")
     parser.add_argument("--resume", type=Path, help="start from this artifact instead of fresh heads")
-    parser.add_argument("--trainable-top", type=int, default=2)
+    parser.add_argument("--trainable-top", type=int, default=6, help="train this many top layers (6: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--titles", type=int, default=3000)
     parser.add_argument("--sentences", type=int, default=3000)

@@ -39,7 +39,8 @@ def test_training_writes_a_loadable_artifact_of_only_the_trained_weights(small_b
     monkeypatch.setenv("SIEVE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "artifact"
     train_main(["--data", str(small_beir), "--out", str(out), "--minutes", "0.15", "--threads", "2",
-                "--titles", "10", "--sentences", "10", "--dev-depth", "12", "--checkpoint-minutes", "0.05"])
+                "--titles", "10", "--sentences", "10", "--dev-depth", "12", "--checkpoint-minutes", "0.05",
+                "--trainable-top", "2"])
     config = json.loads((out / "config.json").read_text())
     curve = config["training"]["dev_curve"]
     assert len(curve) >= 2 and config["training"]["steps"] > 0  # periodic checkpoints plus the final one
