@@ -25,6 +25,7 @@ from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
 from sieve.rankers.reranker import ARTIFACT
 from sieve.index.beir import DATASETS, cache_dir, load_beir, passage_text
 from sieve.rankers.first_stage import FirstStage
+from sieve.rankers.training import cheapest_setting
 from sieve.service.client import SieveClient
 from sieve.service.process import ServerProcess
 from sieve.v1 import sieve_pb2 as pb
@@ -42,11 +43,9 @@ def pruning_settings(config: dict) -> dict[str, PruningOptions]:
     settings = {"full (no pruning)": PruningOptions(prune=False)}
     if config.get("default_checkpoints"):
         settings[f"default @{_layers(config['default_checkpoints'])}"] = PruningOptions()
-    frontier = config.get("pruning_frontier", [])
     for overlap in DEV_OVERLAPS:
-        safe = [s for s in frontier if s["top10_overlap"] >= overlap]
-        if safe:
-            best = max(safe, key=lambda s: s["speedup"])
+        best = cheapest_setting(config.get("pruning_frontier", []), overlap)
+        if best:
             settings.setdefault(f"prune @{_layers(best['checkpoints'])}, dev overlap {best['top10_overlap']:.3f}",
                                 PruningOptions(checkpoints=tuple(best["checkpoints"]),
                                                margins={int(l): m for l, m in best["margins"].items()}))

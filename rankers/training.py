@@ -238,6 +238,12 @@ def pruning_frontier(layer_scores: list, margins_by_recall: dict, k: int = 10) -
     return frontier
 
 
+def cheapest_setting(frontier: list[dict], min_overlap: float) -> dict | None:
+    """The fastest frontier setting whose dev top-k overlap is at least `min_overlap` (None: none is)."""
+    safe = [s for s in frontier if s["top10_overlap"] >= min_overlap]
+    return max(safe, key=lambda s: s["speedup"]) if safe else None
+
+
 def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: dict, qrels: dict, depth: int = 30,
               k: int = 10, recalls=(0.9, 0.95, 0.98, 0.99, 0.995), dev_queries: int = 100,
               min_overlap: float = 0.98) -> dict:
@@ -273,8 +279,7 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: 
                for r in recalls}
 
     frontier = pruning_frontier(layer_scores, margins, k)
-    safe = [s for s in frontier if s["top10_overlap"] >= min_overlap]
-    chosen = max(safe, key=lambda s: s["speedup"]) if safe else {"checkpoints": [], "margins": {}, "speedup": 1.0}
+    chosen = cheapest_setting(frontier, min_overlap) or {"checkpoints": [], "margins": {}, "speedup": 1.0}
 
     qrel_list = [ir_measures.Qrel(q, d, r) for q in dev for d, r in qrels[q].items()]
     by_weight = {}
