@@ -67,9 +67,9 @@ def ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def first_stage_run(name: str, depth: int = 100):
+def first_stage_run(name: str, depth: int = 100, multivector: bool = False):
     corpus, queries, qrels = load_beir(DATASETS / name, "test")
-    stage = FirstStage(corpus, cache=cache_dir("reranker") / f"{name}_dense.npy")
+    stage = FirstStage(corpus, cache=cache_dir("reranker") / f"{name}_dense.npy", multivector=multivector)
     qids = sorted(queries)
     started = time.perf_counter()
     candidates = [stage.search([queries[q]], depth)[0] for q in qids]  # one at a time, like a service
@@ -172,6 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--queries", default="20:300,50:60,100:30", help="depth:queries per depth (a prefix of the sorted test ids)")
+    parser.add_argument("--maxsim-queries", default="20:300,30:300",
+                        help="depth:queries reranked from RRF(BM25, dense, pooled MaxSim), unpruned and default")
     parser.add_argument("--zero-shot", default="cranfield,cisi,medline")
     parser.add_argument("--zero-shot-queries", type=int, default=40)
     parser.add_argument("--no-peer", action="store_true")
@@ -199,6 +201,19 @@ def main() -> None:
                                                         candidates, depth, limit, weight, args.peer_queries)
         print(f"scifact top{depth}", json.dumps(report["scifact"][f"top{depth}"], indent=1), flush=True)
 
+    if args.maxsim_queries:
+        corpus, queries, qrels, qids, candidates, latency = first_stage_run("scifact", multivector=True)
+        first = {q: list(zip(c.ids, c.rrf.tolist())) for q, c in zip(qids, candidates)}
+        report["scifact_maxsim"] = {"first_stage": {"ndcg10": ndcg(first, qrels), "ms_per_query": 1000 * latency,
+                                                    "queries": len(qids)}}
+        print("scifact first stage with MaxSim", report["scifact_maxsim"]["first_stage"], flush=True)
+        few = {name: settings[name] for name in list(settings)[:2]}  # unpruned and the default
+        for spec in args.maxsim_queries.split(","):
+            depth, limit = map(int, spec.split(":"))
+            block = rerank_depth(reranker, few, None, corpus, queries, qrels, qids, candidates, depth, limit, weight, 0)
+            report["scifact_maxsim"][f"top{depth}"] = block
+            print(f"scifact+maxsim top{depth}", json.dumps(block, indent=1), flush=True)
+
     if not args.no_grpc:
         report["grpc"] = grpc_latency(args.reranker, corpus, queries, qids, candidates)
 
@@ -223,14 +238,21 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
-    first = report["scifact"]["first_stage"]
     lines = [f"# Reranking, SciFact test ({report['dtype']}, {report['threads']} threads, fusion weight "
-             f"{report['fusion_weight']})", "",
-             f"Fused first stage RRF(BM25, dense): nDCG@10 {first['ndcg10']:.3f}, {first['ms_per_query']:.0f} ms/query "
+             f"{report['fusion_weight']})", ""]
+    for section, title in (("scifact", "RRF(BM25, dense)"), ("scifact_maxsim", "RRF(BM25, dense, pooled MaxSim)")):
+        if section in report:
+            lines += depth_table(report[section], title)
+    return "\n".join(lines + service_tables(report)) + "\n"
+
+
+def depth_table(section: dict, title: str) -> list[str]:
+    first = section["first_stage"]
+    lines = [f"Fused first stage {title}: nDCG@10 {first['ndcg10']:.3f}, {first['ms_per_query']:.0f} ms/query "
              f"({first['queries']} queries).", "",
              "| depth | setting | queries | nDCG@10 reranker | nDCG@10 pipeline | ratio | top-10 overlap | ms/query | speedup | survivors |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for depth, block in report["scifact"].items():
+    for depth, block in section.items():
         if depth == "first_stage":
             continue
         lines.append(f"| {depth} | first stage (same queries) | {block['queries']} | | "
@@ -243,8 +265,13 @@ def markdown(report: dict) -> str:
             lines.append(f"| {depth} | {name} | {block['queries']} | {row['ndcg10_reranker']:.3f} | "
                          f"{row['ndcg10_pipeline']:.3f} | {row['ndcg_ratio'] or float('nan'):.3f} | {row['top10_overlap']:.3f} | "
                          f"{row['ms_per_query']:.0f} | {row['speedup']:.2f} | {row['mean_survivors']} |")
+    return lines + [""]
+
+
+def service_tables(report: dict) -> list[str]:
+    lines = []
     if report.get("grpc"):
-        lines += ["", "End-to-end Rerank RPC through a real server (10 results; default checkpoints and margins when pruning):",
+        lines += ["End-to-end Rerank RPC through a real server (10 results; default checkpoints and margins when pruning):",
                   "", "| candidates | pruning | clients | requests | p50 ms | p99 ms | requests/s |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['depth']} | {'on' if r['pruning'] else 'off'} | {r['clients']} | {r['requests']} | {r['p50_ms']} | "
                   f"{r['p99_ms']} | {r['throughput_qps']} |" for r in report["grpc"]]
@@ -253,7 +280,7 @@ def markdown(report: dict) -> str:
     for name, row in report["zero_shot"].items():
         lines.append(f"| {name} | {row['queries']} | {row['first_stage_ndcg10']:.3f} | {row['reranker_ndcg10']:.3f} | "
                      f"{row['pipeline_ndcg10']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:

@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibrate-only", action="store_true", help="recalibrate the artifact at --out")
     parser.add_argument("--dev-queries", type=int, default=100)
     parser.add_argument("--dev-depth", type=int, default=30)
+    parser.add_argument("--shuffle-seed", type=int, default=13,
+                        help="order of the groups; a resumed run should change it to reach groups it has not seen")
     args = parser.parse_args(argv)
     if args.dev_depth <= 10:
         parser.error("--dev-depth must exceed 10: margins are measured around the 10th-best score")
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
             save_artifact(model, args.out, base=base, config=calibrated(
                 {**config, "training": {**stats, "groups_available": len(groups), "dev_curve": curve}}, calibration))
 
-    stats = train(model, tokenizer, groups, args.minutes, trainable_top=args.trainable_top,
+    stats = train(model, tokenizer, groups, args.minutes, trainable_top=args.trainable_top, seed=args.shuffle_seed,
                   checkpoint_minutes=args.checkpoint_minutes, on_checkpoint=checkpoint)
     checkpoint(stats)
     config = json.loads((args.out / "config.json").read_text())

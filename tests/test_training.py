@@ -107,3 +107,27 @@ def test_pruning_frontier_trades_overlap_for_speed():
     frontier = pruning_frontier(noisy, margins)
     assert len(frontier) >= 2 and frontier[0]["top10_overlap"] > frontier[-1]["top10_overlap"]
     assert frontier[0]["speedup"] < frontier[-1]["speedup"]
+
+
+def test_first_stage_fuses_pooled_maxsim_from_a_cached_multivector_index(small_beir, tmp_path, monkeypatch):
+    from sieve.index.multivector import MultiVectorRetriever
+    from sieve.rankers.first_stage import FirstStage
+
+    corpus, _, _ = load_beir(small_beir, "train")
+    cache = tmp_path / "dense.npy"
+    stage = FirstStage(corpus, cache=cache, multivector=True)
+    part = stage.multivector_part
+    assert part.documents == len(corpus)
+    assert part.vectors < 0.6 * int(part.raw_counts.sum())  # pool factor 2 really applied
+    plain = FirstStage(corpus, cache=cache)
+    doc = sorted(corpus)[3]
+    fused, two_way = stage.search([corpus[doc]["title"]], 10)[0], plain.search([corpus[doc]["title"]], 10)[0]
+    assert fused.ids[0] == doc
+    assert fused.rrf[0] > two_way.rrf[0]  # a third list voted for it
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the cached multi-vector index should have been reused, not rebuilt")
+
+    monkeypatch.setattr(MultiVectorRetriever, "write", no_encoding)
+    again = FirstStage(corpus, cache=cache, multivector=True)
+    assert again.search([corpus[doc]["title"]], 10)[0].ids == fused.ids
