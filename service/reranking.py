@@ -41,7 +41,12 @@ def pruning_options(request_options, settings):
     checkpoints = tuple(request_options.checkpoints) or tuple(settings.rerank_checkpoints) or None
     margin = request_options.margin if request_options.HasField("margin") else settings.rerank_margin
     prune = request_options.prune if request_options.HasField("prune") else True
-    return PruningOptions(prune=prune, checkpoints=checkpoints, margin=margin)
+    margins = dict(request_options.margins) or None
+    if margins and request_options.HasField("margin"):
+        raise InvalidArgument("set margin (every checkpoint) or margins (per layer), not both")
+    if margins:
+        margin = None  # the request's per-layer margins replace the collection's single one
+    return PruningOptions(prune=prune, checkpoints=checkpoints, margin=margin, margins=margins)
 
 
 def candidate_count(request_options, settings, k: int, limit: int) -> int:

@@ -35,6 +35,14 @@ def test_rerank_rpc_orders_callers_passages(client, adi):
     assert everything.results[0].id == target.id
 
 
+def test_rerank_rpc_takes_per_layer_margins(client, adi):
+    passages = [(d.id, d.content) for d in adi[:20]]
+    tight = client.rerank(adi[3].title, passages, k=5, options=pb.RerankOptions(checkpoints=[1, 2], margins={1: 0.0}))
+    assert list(tight.survivors) == [20, 10, 10]  # k + 5 kept at layer 1; layer 2 has no margin, keeps all
+    loose = client.rerank(adi[3].title, passages, k=5, options=pb.RerankOptions(checkpoints=[1, 2], margins={1: 1e6, 2: 0.0}))
+    assert list(loose.survivors) == [20, 20, 10]
+
+
 def test_search_reranks_fused_candidates_with_early_pruning(client, adi):
     target = adi[33]
     request = {"rerank": pb.RerankOptions(enabled=True, candidates=40)}
@@ -59,6 +67,8 @@ def test_search_reranks_fused_candidates_with_early_pruning(client, adi):
     ({"k": -1}, "k must be >= 0"),
     ({"options": pb.RerankOptions(checkpoints=[0])}, "checkpoints"),
     ({"options": pb.RerankOptions(margin=-1)}, "margin"),
+    ({"options": pb.RerankOptions(margins={1: -0.5})}, "margins"),
+    ({"options": pb.RerankOptions(margin=1.0, margins={1: 0.5})}, "not both"),
     ({"collection": "nowhere"}, "no collection"),
 ])
 def test_rerank_rejects_bad_requests(client, adi, request_fields, words):
