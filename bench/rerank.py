@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--peer-queries", type=int, default=20, help="queries per depth timed for the peer")
     parser.add_argument("--no-grpc", action="store_true")
+    parser.add_argument("--grpc-requests", type=int, default=24, help="requests per gRPC load setting")
     parser.add_argument("--reranker", default="", help="artifact folder or model name (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -201,6 +202,9 @@ def main() -> None:
                                                         candidates, depth, limit, weight, args.peer_queries)
         print(f"scifact top{depth}", json.dumps(report["scifact"][f"top{depth}"], indent=1), flush=True)
 
+    if not args.no_grpc:
+        report["grpc"] = grpc_latency(args.reranker, corpus, queries, qids, candidates, requests=args.grpc_requests)
+
     if args.maxsim_queries:
         corpus, queries, qrels, qids, candidates, latency = first_stage_run("scifact", multivector=True)
         first = {q: list(zip(c.ids, c.rrf.tolist())) for q, c in zip(qids, candidates)}
@@ -213,9 +217,6 @@ def main() -> None:
             block = rerank_depth(reranker, few, None, corpus, queries, qrels, qids, candidates, depth, limit, weight, 0)
             report["scifact_maxsim"][f"top{depth}"] = block
             print(f"scifact+maxsim top{depth}", json.dumps(block, indent=1), flush=True)
-
-    if not args.no_grpc:
-        report["grpc"] = grpc_latency(args.reranker, corpus, queries, qids, candidates)
 
     for name in filter(None, args.zero_shot.split(",")):
         corpus, queries, qrels, qids, candidates, latency = first_stage_run(name, 20)
@@ -290,17 +291,20 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    first = report["scifact"]["first_stage"]
-    for (depth, block), color in zip([(d, b) for d, b in report["scifact"].items() if d != "first_stage"],
-                                     ["tab:blue", "tab:orange", "tab:green"]):
+    blocks = [(section, depth, block) for section in ("scifact", "scifact_maxsim") for depth, block
+              in report.get(section, {}).items() if depth != "first_stage"]
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for (section, depth, block), color in zip(blocks, colors):
         # each depth is measured on its own query prefix: its first stage is scored on the same queries
+        first = report[section]["first_stage"]
         ax.scatter([first["ms_per_query"]], [block["first_stage_ndcg10_same_queries"]], marker="*", s=150, color=color)
         for name, row in block["settings"].items():
             if "ndcg10_pipeline" in row:
                 marker = "o" if name.startswith("full") else "^"
                 ax.scatter(row["ms_per_query"], row["ndcg10_pipeline"], color=color, marker=marker)
                 ax.annotate(name.replace("prune ", ""), (row["ms_per_query"], row["ndcg10_pipeline"]), fontsize=6)
-        ax.scatter([], [], color=color, label=f"{depth}, {block['queries']} queries (* first stage, o full, ^ pruned)")
+        stage = "BM25+dense+MaxSim" if section == "scifact_maxsim" else "BM25+dense"
+        ax.scatter([], [], color=color, label=f"{stage} {depth}, {block['queries']} queries (* first stage, o full, ^ pruned)")
     ax.set_xscale("log")
     ax.set_xlabel("rerank latency per query, ms (log)")
     ax.set_ylabel("pipeline nDCG@10 (SciFact test)")
