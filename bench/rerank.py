@@ -160,7 +160,8 @@ def grpc_latency(reranker: str, corpus, queries, qids, candidates, depths=(20, 1
                     options = pb.RerankOptions(prune=prune)
                     for n in clients:
                         row = under_load(server.target, n, requests, lambda client, i: client.rerank(
-                            queries[qids[i % len(qids)]], lists[i % len(qids)], k=10, collection="bench", options=options))
+                            queries[qids[i % len(qids)]], lists[i % len(qids)], k=10, collection="bench",
+                            options=options, timeout=600))  # 8 clients x 100 candidates queue for minutes
                         rows.append({"depth": depth, "pruning": prune, **row})
                         print("grpc", rows[-1], flush=True)
         finally:
@@ -206,35 +207,46 @@ def main() -> None:
         report["grpc"] = grpc_latency(args.reranker, corpus, queries, qids, candidates, requests=args.grpc_requests)
 
     if args.maxsim_queries:
-        corpus, queries, qrels, qids, candidates, latency = first_stage_run("scifact", multivector=True)
-        first = {q: list(zip(c.ids, c.rrf.tolist())) for q, c in zip(qids, candidates)}
-        report["scifact_maxsim"] = {"first_stage": {"ndcg10": ndcg(first, qrels), "ms_per_query": 1000 * latency,
-                                                    "queries": len(qids)}}
-        print("scifact first stage with MaxSim", report["scifact_maxsim"]["first_stage"], flush=True)
-        few = {name: settings[name] for name in list(settings)[:2]}  # unpruned and the default
-        for spec in args.maxsim_queries.split(","):
-            depth, limit = map(int, spec.split(":"))
-            block = rerank_depth(reranker, few, None, corpus, queries, qrels, qids, candidates, depth, limit, weight, 0)
-            report["scifact_maxsim"][f"top{depth}"] = block
-            print(f"scifact+maxsim top{depth}", json.dumps(block, indent=1), flush=True)
-
+        report["scifact_maxsim"] = maxsim_section(reranker, settings, args.maxsim_queries, weight)
     for name in filter(None, args.zero_shot.split(",")):
-        corpus, queries, qrels, qids, candidates, latency = first_stage_run(name, 20)
-        qids, candidates = qids[:args.zero_shot_queries], candidates[:args.zero_shot_queries]
-        first, alone, fused = {}, {}, {}
-        for q, cands in zip(qids, candidates):
-            result = reranker.rerank(queries[q], [passage_text(corpus[d]) for d in cands.ids], 10, PruningOptions())
-            first[q] = list(zip(cands.ids, cands.rrf.tolist()))
-            alone[q] = [(cands.ids[i], s) for i, s in zip(result.order, result.scores)]
-            fused[q] = [(cands.ids[i], s) for i, s in fuse_with_first_stage(result, cands.rrf.tolist(), weight)]
-        report["zero_shot"][name] = {"queries": len(qids), "first_stage_ndcg10": ndcg(first, qrels),
-                                     "reranker_ndcg10": ndcg(alone, qrels), "pipeline_ndcg10": ndcg(fused, qrels)}
+        report["zero_shot"][name] = zero_shot(reranker, name, args.zero_shot_queries, weight)
         print(name, report["zero_shot"][name], flush=True)
+    write_report(report, args.out)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rerank.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "rerank.md").write_text(markdown(report))
-    plot(report, args.out / "rerank.png")
+
+def maxsim_section(reranker, settings, spec: str, weight: float) -> dict:
+    """The unpruned and default reranker over RRF(BM25, dense, pooled MaxSim) candidates."""
+    corpus, queries, qrels, qids, candidates, latency = first_stage_run("scifact", multivector=True)
+    first = {q: list(zip(c.ids, c.rrf.tolist())) for q, c in zip(qids, candidates)}
+    section = {"first_stage": {"ndcg10": ndcg(first, qrels), "ms_per_query": 1000 * latency, "queries": len(qids)}}
+    print("scifact first stage with MaxSim", section["first_stage"], flush=True)
+    few = {name: settings[name] for name in list(settings)[:2]}  # unpruned and the default
+    for item in spec.split(","):
+        depth, limit = map(int, item.split(":"))
+        section[f"top{depth}"] = rerank_depth(reranker, few, None, corpus, queries, qrels, qids, candidates, depth,
+                                              limit, weight, 0)
+        print(f"scifact+maxsim top{depth}", json.dumps(section[f"top{depth}"], indent=1), flush=True)
+    return section
+
+
+def zero_shot(reranker, name: str, limit: int, weight: float) -> dict:
+    """Top-20 of a collection the reranker never trained on: first stage, reranker alone, pipeline."""
+    corpus, queries, qrels, qids, candidates, _ = first_stage_run(name, 20)
+    first, alone, fused = {}, {}, {}
+    for q, cands in zip(qids[:limit], candidates[:limit]):
+        result = reranker.rerank(queries[q], [passage_text(corpus[d]) for d in cands.ids], 10, PruningOptions())
+        first[q] = list(zip(cands.ids, cands.rrf.tolist()))
+        alone[q] = [(cands.ids[i], s) for i, s in zip(result.order, result.scores)]
+        fused[q] = [(cands.ids[i], s) for i, s in fuse_with_first_stage(result, cands.rrf.tolist(), weight)]
+    return {"queries": len(first), "first_stage_ndcg10": ndcg(first, qrels),
+            "reranker_ndcg10": ndcg(alone, qrels), "pipeline_ndcg10": ndcg(fused, qrels)}
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rerank.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "rerank.md").write_text(markdown(report))
+    plot(report, out / "rerank.png")
     print(markdown(report))
 
 
