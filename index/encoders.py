@@ -43,10 +43,11 @@ class Encoder:
                 show_progress_bar=progress,
             ).astype("float32", copy=False)
 
-    def token_embeddings(self, texts: list[str], batch_size: int = 32) -> list:
+    def token_embeddings(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list:
         """Per-token float32 vectors (special tokens kept), one array per text."""
         with self.lock, torch.inference_mode():
-            outputs = self.model.encode(texts, batch_size=batch_size, output_value="token_embeddings")
+            outputs = self.model.encode(texts, batch_size=batch_size, output_value="token_embeddings",
+                                        show_progress_bar=progress)
         return [t.float().cpu().numpy() for t in outputs]
 
 

@@ -138,9 +138,9 @@ class MultiVectorRetriever(Retriever):
         return load_encoder(self.settings.encoder, self.settings.max_tokens)
 
     # Ingestion -----------------------------------------------------------------------------
-    def token_vectors(self, texts: list[str]) -> list[np.ndarray]:
+    def token_vectors(self, texts: list[str], progress: bool = False) -> list[np.ndarray]:
         """L2-normalised token vectors per text ([CLS] and [SEP] kept), truncated at max_tokens."""
-        return [normalize(v) for v in self.encoder.token_embeddings(texts)]
+        return [normalize(v) for v in self.encoder.token_embeddings(texts, progress=progress)]
 
     def pool(self, documents: list[np.ndarray], progress: bool = False) -> TokenBatch:
         pooled = pool_documents(documents, self.settings.pool_factor, self.settings.protected_tokens,

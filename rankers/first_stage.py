@@ -15,7 +15,6 @@ from pathlib import Path
 import bm25s
 import numpy as np
 import Stemmer
-from tqdm import tqdm
 
 from sieve.index.beir import DATASETS, passage_text
 from sieve.index.encoders import load_encoder
@@ -65,9 +64,7 @@ class FirstStage:
         done = folder / "complete"
         if not (done.exists() and done.read_text() == str(len(texts))):
             folder.mkdir(parents=True, exist_ok=True)
-            tokens = []
-            for start in tqdm(range(0, len(texts), 256), desc="token vectors", unit="chunk"):
-                tokens.extend(self.multivector.token_vectors(texts[start:start + 256]))
+            tokens = self.multivector.token_vectors(texts, progress=True)
             self.multivector.write(folder, self.multivector.pool(tokens, progress=True))
             done.write_text(str(len(texts)))
         return self.multivector.open(folder)
