@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -51,6 +52,30 @@ class Encoder:
         return [t.float().cpu().numpy() for t in outputs]
 
 
-@functools.lru_cache(maxsize=8)
+_LOADING = threading.RLock()  # one for every loader: transformers' lazy imports are not thread-safe either
+
+
+def loaded_once(maxsize: int = 8):
+    """Memoise a model loader (like functools.lru_cache) so that concurrent first calls, such as the first
+    requests after a start, wait for one load instead of racing; later calls take no lock."""
+    def wrap(load):
+        loaded: OrderedDict = OrderedDict()
+
+        @functools.wraps(load)
+        def cached(*args, **kwargs):
+            key = (args, tuple(sorted(kwargs.items())))
+            if key in loaded:
+                return loaded[key]
+            with _LOADING:
+                if key not in loaded:
+                    loaded[key] = load(*args, **kwargs)
+                    while len(loaded) > maxsize:
+                        loaded.popitem(last=False)
+                return loaded[key]
+        return cached
+    return wrap
+
+
+@loaded_once(maxsize=8)
 def load_encoder(name: str, max_tokens: int = 256) -> Encoder:
     return Encoder(name, max_tokens)

@@ -35,6 +35,7 @@ from torch import nn
 
 from .beir import load_beir, passage_text, relevant
 from .documents import Document
+from .encoders import loaded_once
 from .errors import InvalidArgument
 from .lexical import analyze
 from .settings import CollectionSettings
@@ -134,7 +135,7 @@ def _batched(texts: list[str], run, batch_size: int = 64) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=1)
+@loaded_once(maxsize=1)
 def _base_model() -> QualityModel:
     torch.manual_seed(0)
     return QualityModel().eval()
@@ -145,7 +146,7 @@ def embedding_norm(texts: list[str]) -> np.ndarray:
     return _batched(texts, lambda ids, mask: -model.pooled(ids, mask).norm(dim=-1))
 
 
-@functools.lru_cache(maxsize=4)
+@loaded_once(maxsize=4)
 def quality_model(directory: str = "") -> QualityModel:
     model = QualityModel()
     load_artifact(model, Path(directory) if directory else QUALITY_ARTIFACT, "quality")

@@ -14,7 +14,6 @@ weak supervision). The shipped artifact holds only the fine-tuned transformer la
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from torch import nn
 
 from .beir import load_beir, passage_text, relevant
 from .errors import InvalidArgument
+from .encoders import loaded_once
 from .lexical import _STOPWORDS, _TOKEN, _stemmer, analyze
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def base_model_path() -> str:
     return os.path.join(os.path.dirname(cognition.__file__), "model")
 
 
-@functools.lru_cache(maxsize=1)
+@loaded_once(maxsize=1)
 def load_tokenizer():
     from transformers import AutoTokenizer
 
@@ -188,7 +188,7 @@ class TermWeightModel:
         return result
 
 
-@functools.lru_cache(maxsize=4)
+@loaded_once(maxsize=4)
 def _load_model(directory: str) -> TermWeightModel:
     return TermWeightModel(Path(directory))
 

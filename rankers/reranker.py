@@ -9,7 +9,6 @@ cost really falls.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sieve.index.encoders import DEFAULT_ENCODER_ALIASES, resolve_encoder
+from sieve.index.encoders import DEFAULT_ENCODER_ALIASES, loaded_once, resolve_encoder
 from sieve.index.errors import InvalidArgument, NotFound
 
 from .model import LayeredCrossEncoder
@@ -359,7 +358,7 @@ def base_model(checkpoint_layers: tuple[int, ...] | None = None):
     return LayeredCrossEncoder(bert, layers).eval(), AutoTokenizer.from_pretrained(path)
 
 
-@functools.lru_cache(maxsize=4)
+@loaded_once(maxsize=4)
 def load_reranker(name_or_path: str = "", dtype: str = "auto", device: str | None = None) -> Reranker:
     """"" (or a default alias): the shipped artifact over the packaged MiniLM. A folder holding a Sieve
     artifact (config.json with checkpoint_layers, weights.safetensors): that artifact. Anything else:

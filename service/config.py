@@ -19,6 +19,9 @@ class ServerConfig:
     max_document_chars: int = 100_000
     max_message_bytes: int = 32 * 1024 * 1024
     max_rerank_passages: int = 500
+    # query-passage pairs queued or running in the reranker; a request that would pass it gets
+    # RESOURCE_EXHAUSTED at once (about a minute of work on 2 CPU cores) instead of its deadline
+    max_queued_rerank_pairs: int = 2000
     max_pending_batches: int = 8  # ingestion batches being prepared at once; more get RESOURCE_EXHAUSTED
     max_concurrent_searches: int = 256
     batch_wait_ms: float = 2.0  # how long the query encoder waits to batch concurrent requests

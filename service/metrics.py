@@ -17,6 +17,8 @@ RERANK_SURVIVORS = Histogram(
     "sieve_rerank_survivors", "Candidates alive after each reranker checkpoint", ["checkpoint"],
     buckets=(1, 2, 5, 10, 15, 20, 30, 50, 75, 100, 200, 500))
 
+RERANK_REJECTED = Counter("sieve_rerank_rejected_total", "Rerank work refused because too many pairs were queued")
+
 COLLECTION_DOCUMENTS = Gauge("sieve_collection_documents", "Live, searchable documents", ["collection"])
 COLLECTION_DELETED = Gauge("sieve_collection_deleted", "Tombstones awaiting compaction", ["collection"])
 COLLECTION_PRUNED = Gauge("sieve_collection_pruned", "Passages dropped by quality pruning", ["collection"])

@@ -158,6 +158,7 @@ class Sieve:
         self.catalog: Catalog | None = None
         self.batcher = MicroBatcher(config.max_encode_batch, config.batch_wait_ms)
         self.pending_batches = 0
+        self.queued_rerank_pairs = 0
         self.searches = asyncio.Semaphore(config.max_concurrent_searches)
         self.redis = None
         self.cache = None
@@ -225,8 +226,17 @@ class Sieve:
         calibrated to mix them in, the two are interpolated."""
         from sieve.rankers import fuse_with_first_stage, load_reranker
 
-        reranker = await asyncio.to_thread(load_reranker, model)
-        result = await self.batcher.submit(("rerank", model), reranker.rerank_many, (query, passages, k, options))
+        queued = self.queued_rerank_pairs
+        if queued and queued + len(passages) > self.config.max_queued_rerank_pairs:  # one request always runs
+            metrics.RERANK_REJECTED.inc()
+            raise ResourceExhausted(f"the reranker has {queued} query-passage pairs queued (limit "
+                                    f"{self.config.max_queued_rerank_pairs}); retry later or send fewer candidates")
+        self.queued_rerank_pairs += len(passages)
+        try:
+            reranker = await asyncio.to_thread(load_reranker, model)
+            result = await self.batcher.submit(("rerank", model), reranker.rerank_many, (query, passages, k, options))
+        finally:
+            self.queued_rerank_pairs -= len(passages)
         checkpoints = [0, *(options.checkpoints or getattr(reranker, "default_checkpoints", ()))]
         for layer, alive in zip(checkpoints, result.survivors):
             metrics.RERANK_SURVIVORS.labels(str(layer)).observe(alive)

@@ -175,3 +175,25 @@ def test_shipped_reranker_beats_bm25_on_held_out_claims(reranker):
         reranker_rr.append(next(1 / (r + 1) for r, d in enumerate(reranked) if d in qrels[q]))
     assert len(bm25_rr) >= 20
     assert sum(reranker_rr) / len(reranker_rr) > sum(bm25_rr) / len(bm25_rr) + 0.05
+
+
+def test_concurrent_first_loads_share_one_load():
+    """The first requests after a start arrive together; they must wait for one load, not race it."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sieve.index.encoders import loaded_once
+
+    calls = []
+
+    @loaded_once(maxsize=2)
+    def load(name):
+        calls.append(name)
+        time.sleep(0.2)  # a model load takes a while: the others arrive meanwhile
+        return object()
+
+    with ThreadPoolExecutor(8) as pool:
+        models = list(pool.map(load, ["a"] * 8))
+    assert calls == ["a"] and all(m is models[0] for m in models)
+    load("b"), load("c")  # past maxsize the oldest is dropped and loads again when asked
+    assert load("a") is not models[0] and calls == ["a", "b", "c", "a"]
