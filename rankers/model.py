@@ -21,23 +21,31 @@ class ScoreHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
 
     def forward(self, hidden: torch.Tensor, query_mask: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
-        tokens = F.normalize(hidden, dim=-1)
-        q = _masked_mean(hidden, query_mask)
-        p = _masked_mean(hidden, passage_mask)
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 in training, calibration and serving
+            return self._score(hidden.float(), query_mask, passage_mask)
+
+    def _score(self, hidden: torch.Tensor, query_mask: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+        # Every product below is a batched matmul over what it needs, with no [B, T, D] temporaries: the
+        # head runs on every survivor at every checkpoint, so its cost is pruning's overhead.
+        q, p = _masked_mean(hidden, query_mask), _masked_mean(hidden, passage_mask)
         qn, pn = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
         cosine = (qn * pn).sum(-1)
-        pairwise = tokens @ tokens.transpose(1, 2)  # [B, T, T]; the query-passage block is what counts
+        # the query leads every row ([CLS] query [SEP] passage [SEP]): only its rows of the token
+        # cosine matrix are needed, [B, query width, T] instead of [B, T, T]
+        width = int(query_mask.any(0).nonzero().max()) + 1 if query_mask.any() else 1
+        norms = hidden.norm(dim=-1).clamp(min=1e-12)
+        pairwise = (hidden[:, :width] @ hidden.transpose(1, 2)) / (norms[:, :width, None] * norms[:, None, :])
         pairwise = pairwise.masked_fill(~passage_mask[:, None, :], -1.0)
-        maxsim = (pairwise.max(-1).values * query_mask).sum(-1) / query_mask.sum(-1).clamp(min=1)
+        query_rows = query_mask[:, :width]
+        maxsim = (pairwise.max(-1).values * query_rows).sum(-1) / query_rows.sum(-1).clamp(min=1)
         features = torch.cat([hidden[:, 0], qn * pn, (qn - pn).abs()], dim=-1)
         similarity = torch.stack([cosine, maxsim], -1) @ self.similarity_weights
         return similarity + self.mlp(features).squeeze(-1) + self.bias
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weights = mask.to(hidden.dtype)[..., None]
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    weights = mask.to(hidden.dtype)
+    return (weights[:, None] @ hidden).squeeze(1) / weights.sum(1, keepdim=True).clamp(min=1)
 
 
 class LayeredCrossEncoder(nn.Module):
