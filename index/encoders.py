@@ -64,8 +64,9 @@ def loaded_once(maxsize: int = 8):
         @functools.wraps(load)
         def cached(*args, **kwargs):
             key = (args, tuple(sorted(kwargs.items())))
-            if key in loaded:
-                return loaded[key]
+            found = loaded.get(key)  # one call: atomic, however other threads evict
+            if found is not None:
+                return found
             with _LOADING:
                 if key not in loaded:
                     loaded[key] = load(*args, **kwargs)
