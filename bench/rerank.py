@@ -312,13 +312,19 @@ def plot(report: dict, path: Path) -> None:
         # each depth is measured on its own query prefix: its first stage is scored on the same queries
         first = report[section]["first_stage"]
         ax.scatter([first["ms_per_query"]], [block["first_stage_ndcg10_same_queries"]], marker="*", s=150, color=color)
-        for name, row in block["settings"].items():
-            if "ndcg10_pipeline" in row:
-                marker = "o" if name.startswith("full") else "^"
-                ax.scatter(row["ms_per_query"], row["ndcg10_pipeline"], color=color, marker=marker)
-                ax.annotate(name.replace("prune ", ""), (row["ms_per_query"], row["ndcg10_pipeline"]), fontsize=6)
+        rows = sorted((row["ms_per_query"], row["ndcg10_pipeline"], name, row["top10_overlap"])
+                      for name, row in block["settings"].items() if "ndcg10_pipeline" in row)
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], color=color, linewidth=0.6, alpha=0.5)
+        for ms, value, name, overlap in rows:  # each point labelled with its top-10 overlap with the full model
+            full = name.startswith("full")
+            ax.scatter(ms, value, color=color, marker="o" if full else ("s" if name.startswith("default") else "^"))
+            ax.annotate("full" if full else f"{overlap:.2f}", (ms, value), xytext=(3, 3), textcoords="offset points",
+                        fontsize=6)
         stage = "BM25+dense+MaxSim" if section == "scifact_maxsim" else "BM25+dense"
-        ax.scatter([], [], color=color, label=f"{stage} {depth}, {block['queries']} queries (* first stage, o full, ^ pruned)")
+        ax.scatter([], [], color=color, label=f"{stage} {depth}, {block['queries']} queries")
+    for marker, meaning in (("*", "first stage"), ("o", "full reranker"), ("s", "default pruning"),
+                            ("^", "other pruning (label: top-10 overlap)")):
+        ax.scatter([], [], color="grey", marker=marker, label=meaning)
     ax.set_xscale("log")
     ax.set_xlabel("rerank latency per query, ms (log)")
     ax.set_ylabel("pipeline nDCG@10 (SciFact test)")
