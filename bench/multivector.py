@@ -33,15 +33,13 @@ from sieve.index.multivector import MultiVectorRetriever, TokenBatch
 from sieve.index.settings import CollectionSettings
 
 RESULTS = Path(__file__).parent / "results"
-ENCODE_CHUNK = 128
 
 
 def cached_tokens(path: Path, texts: list[str], retriever: MultiVectorRetriever, what: str) -> list[np.ndarray]:
     """Normalised, unpooled token vectors per text, stored once as float16 (flat + lengths)."""
     if not path.exists():
-        documents = []
-        for start in tqdm(range(0, len(texts), ENCODE_CHUNK), desc=f"encoding {what}", unit="chunk"):
-            documents.extend(retriever.token_vectors(texts[start:start + ENCODE_CHUNK]))
+        print(f"encoding {what}", flush=True)
+        documents = retriever.token_vectors(texts, progress=True)  # sentence-transformers' own progress bar
         lengths = np.array([len(d) for d in documents])
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, vectors=np.vstack(documents).astype("float16"), lengths=lengths)
