@@ -288,8 +288,6 @@ def service_tables(report: dict) -> list[str]:
                   "", "| candidates | pruning | clients | requests | p50 ms | p99 ms | requests/s |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['depth']} | {'on' if r['pruning'] else 'off'} | {r['clients']} | {r['requests']} | {r['p50_ms']} | "
                   f"{r['p99_ms']} | {r['throughput_qps']} |" for r in report["grpc"]]
-        if report.get("grpc_note"):
-            lines += ["", f"Note: {report['grpc_note']}."]
     lines += ["", "Zero-shot (top-20, default pruning):", "",
               "| dataset | queries | first stage | reranker alone | pipeline |", "|---|---|---|---|---|"]
     for name, row in report["zero_shot"].items():
