@@ -35,7 +35,10 @@ def cmd_serve(args) -> int:
     from .logs import setup_logging
     from .server import serve
 
-    config = ServerConfig.from_env(data=args.data, host=args.host, port=args.port, metrics_port=args.metrics_port)
+    try:
+        config = ServerConfig.from_env(data=args.data, host=args.host, port=args.port, metrics_port=args.metrics_port)
+    except ValueError as error:
+        raise SystemExit(f"sieve serve: {error}")
     setup_logging(config.log_format)
     asyncio.run(serve(config))
     return 0

@@ -42,19 +42,52 @@ class ServerConfig:
     log_format: str = "text"
     otel_endpoint: str = ""
 
+    def __post_init__(self):
+        """Refuse settings that would only fail later, or never: a clear message at start-up instead."""
+        at_least_one = ("default_k", "max_k", "max_query_chars", "max_batch_documents", "max_document_chars",
+                        "max_message_bytes", "max_rerank_passages", "max_queued_rerank_pairs",
+                        "max_pending_batches", "max_concurrent_searches", "max_encode_batch", "queue_claim_idle_ms")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("batch_wait_ms", "drain_seconds", "cache_ttl_seconds"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise ValueError(f"{_variable(name)} must be at least 0, got {getattr(self, name)}")
+        if not self.refresh_seconds > 0:
+            raise ValueError(f"SIEVE_REFRESH_SECONDS must be above 0, got {self.refresh_seconds}")
+        if not 1 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"ports must be in 1-65535 (SIEVE_METRICS_PORT: 0 for none), "
+                             f"got {self.port} and {self.metrics_port}")
+        if self.default_k > self.max_k:
+            raise ValueError(f"SIEVE_DEFAULT_K ({self.default_k}) is above SIEVE_MAX_K ({self.max_k})")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"SIEVE_LOG_FORMAT must be text or json, got {self.log_format!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("set SIEVE_TLS_CERT and SIEVE_TLS_KEY together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("SIEVE_TLS_CLIENT_CA needs SIEVE_TLS_CERT and SIEVE_TLS_KEY")
+
     @classmethod
     def from_env(cls, **overrides) -> "ServerConfig":
         """SIEVE_<FIELD> variables, then explicit overrides (flags that were given)."""
         values = {}
         for field in dataclasses.fields(cls):
-            raw = os.environ.get(f"SIEVE_{field.name.upper()}")
+            raw = os.environ.get(_variable(field.name))
             if raw is not None:
                 if isinstance(field.default, bool):
                     flag = raw.strip().lower()
                     if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
-                        raise ValueError(f"SIEVE_{field.name.upper()}={raw!r} is not a boolean (true or false)")
+                        raise ValueError(f"{_variable(field.name)}={raw!r} is not a boolean (true or false)")
                     values[field.name] = flag in ("1", "true", "yes", "on")
                 else:
-                    values[field.name] = type(field.default)(raw)
+                    try:
+                        values[field.name] = type(field.default)(raw)
+                    except ValueError:
+                        kind = {int: "an integer", float: "a number"}[type(field.default)]
+                        raise ValueError(f"{_variable(field.name)}={raw!r} is not {kind}") from None
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)
+
+
+def _variable(field: str) -> str:
+    return f"SIEVE_{field.upper()}"

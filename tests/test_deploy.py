@@ -346,6 +346,32 @@ def test_k8s_settings_are_what_the_server_reads(monkeypatch):
         assert config.redis_url and config.refresh_seconds == DEFAULTS.refresh_seconds
 
 
+@pytest.mark.parametrize("environment, message", [
+    ({"SIEVE_MAX_QUEUED_RERANK_PAIRS": "-1"}, "SIEVE_MAX_QUEUED_RERANK_PAIRS must be at least 1"),
+    ({"SIEVE_MAX_K": "0"}, "SIEVE_MAX_K must be at least 1"),
+    ({"SIEVE_PORT": "fifty"}, "SIEVE_PORT='fifty' is not an integer"),
+    ({"SIEVE_PORT": "70000"}, "ports must be in 1-65535"),
+    ({"SIEVE_DRAIN_SECONDS": "nan"}, "SIEVE_DRAIN_SECONDS must be at least 0"),
+    ({"SIEVE_REFRESH_SECONDS": "0"}, "SIEVE_REFRESH_SECONDS must be above 0"),
+    ({"SIEVE_DEFAULT_K": "20", "SIEVE_MAX_K": "10"}, "SIEVE_DEFAULT_K (20) is above SIEVE_MAX_K (10)"),
+    ({"SIEVE_LOG_FORMAT": "xml"}, "SIEVE_LOG_FORMAT must be text or json"),
+    ({"SIEVE_TLS_CERT": "server.pem"}, "set SIEVE_TLS_CERT and SIEVE_TLS_KEY together"),
+    ({"SIEVE_READ_ONLY": "maybe"}, "is not a boolean"),
+])
+def test_bad_settings_are_refused_by_name(environment, message, monkeypatch):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        server_config(environment, monkeypatch)
+
+
+def test_serve_with_a_bad_setting_exits_with_its_message(tmp_path):
+    env = {**os.environ, "SIEVE_DATA": str(tmp_path), "SIEVE_MAX_QUEUED_RERANK_PAIRS": "-5"}
+    done = subprocess.run([sys.executable, "-m", "sieve.service.cli", "serve"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "sieve serve: SIEVE_MAX_QUEUED_RERANK_PAIRS must be at least 1, got -5" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_readme_lists_every_setting():
     rows = re.findall(r"^\| (`SIEVE_.*?) \|", (DEPLOY / "README.md").read_text(), re.M)
     assert set(re.findall(r"`(SIEVE_\w+)`", " ".join(rows))) == CONFIG_VARIABLES
