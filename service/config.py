@@ -46,15 +46,16 @@ class ServerConfig:
         """Refuse settings that would only fail later, or never: a clear message at start-up instead."""
         at_least_one = ("default_k", "max_k", "max_query_chars", "max_batch_documents", "max_document_chars",
                         "max_message_bytes", "max_rerank_passages", "max_queued_rerank_pairs",
-                        "max_pending_batches", "max_concurrent_searches", "max_encode_batch", "queue_claim_idle_ms")
+                        "max_pending_batches", "max_concurrent_searches", "max_encode_batch", "queue_claim_idle_ms",
+                        "cache_ttl_seconds")  # Redis refuses an expiry of 0 (and the link would be marked down)
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("batch_wait_ms", "drain_seconds", "cache_ttl_seconds"):
+        for name in ("batch_wait_ms", "drain_seconds"):
             if not getattr(self, name) >= 0:  # also refuses NaN
                 raise ValueError(f"{_variable(name)} must be at least 0, got {getattr(self, name)}")
         if not self.refresh_seconds > 0:
-            raise ValueError(f"SIEVE_REFRESH_SECONDS must be above 0, got {self.refresh_seconds}")
+            raise ValueError(f"{_variable('refresh_seconds')} must be above 0, got {self.refresh_seconds}")
         if not 1 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"ports must be in 1-65535 (SIEVE_METRICS_PORT: 0 for none), "
                              f"got {self.port} and {self.metrics_port}")

@@ -349,6 +349,7 @@ def test_k8s_settings_are_what_the_server_reads(monkeypatch):
 @pytest.mark.parametrize("environment, message", [
     ({"SIEVE_MAX_QUEUED_RERANK_PAIRS": "-1"}, "SIEVE_MAX_QUEUED_RERANK_PAIRS must be at least 1"),
     ({"SIEVE_MAX_K": "0"}, "SIEVE_MAX_K must be at least 1"),
+    ({"SIEVE_CACHE_TTL_SECONDS": "0"}, "SIEVE_CACHE_TTL_SECONDS must be at least 1"),
     ({"SIEVE_PORT": "fifty"}, "SIEVE_PORT='fifty' is not an integer"),
     ({"SIEVE_PORT": "70000"}, "ports must be in 1-65535"),
     ({"SIEVE_DRAIN_SECONDS": "nan"}, "SIEVE_DRAIN_SECONDS must be at least 0"),
