@@ -8,9 +8,10 @@ import threading
 import uuid
 from pathlib import Path
 
-from .collection import Collection
-from .errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly, SieveError
+from .collection import Collection, RepairReport, repair
+from .errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly
 from .settings import CollectionSettings
+from .storage import remove_temporary, storage_errors
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -30,10 +31,12 @@ class Catalog:
     def refresh(self) -> None:
         """Open collections that appeared, forget dropped ones, and (read-only) follow new generations."""
         present = set()
+        if not self.read_only:
+            remove_temporary(self.data_dir)  # collections whose creation was interrupted
         for directory in sorted(self.data_dir.iterdir()) if self.data_dir.is_dir() else []:
             if directory.name.startswith(".trash-") and not self.read_only:
                 shutil.rmtree(directory, ignore_errors=True)
-            if not (directory.is_dir() and NAME.match(directory.name) and (directory / "settings.json").exists()):
+            if not (directory.is_dir() and NAME.fullmatch(directory.name) and (directory / "settings.json").exists()):
                 continue
             present.add(directory.name)
             try:
@@ -42,9 +45,10 @@ class Catalog:
                 else:
                     self.collections[directory.name] = Collection.open(directory, self.read_only)
                 self.broken.pop(directory.name, None)
-            except SieveError as error:  # damaged files, or settings this version cannot honour
-                log.error("collection %s cannot be opened: %s", directory.name, error)
-                self.broken[directory.name] = str(error)
+            except Exception as error:  # whatever the damage, only this collection is out of service
+                reason = str(error) if isinstance(error, CorruptIndex) else f"{type(error).__name__}: {error}"
+                log.error("collection %s cannot be opened: %s", directory.name, reason)
+                self.broken[directory.name] = reason
         for name in set(self.collections) - present:
             self.collections.pop(name).close()
 
@@ -55,13 +59,14 @@ class Catalog:
             return self.collections[name]
         except KeyError:
             if name in self.broken:
-                raise CorruptIndex(f"collection {name!r} is damaged: {self.broken[name]}") from None
+                raise CorruptIndex(f"collection {name!r} is damaged and out of service until `sieve collections "
+                                   f"repair {name}` (or drop): {self.broken[name]}") from None
             raise NotFound(f"no collection named {name!r}") from None
 
     def create(self, name: str, settings: CollectionSettings) -> Collection:
         if self.read_only:
             raise ReadOnly("this replica is read-only; create collections on the writer")
-        if not NAME.match(name or ""):
+        if not NAME.fullmatch(name or ""):
             raise InvalidArgument(
                 f"invalid collection name {name!r}: 1-64 letters, digits, '_', '.', '-', starting with a letter or digit")
         with self._lock:
@@ -71,15 +76,36 @@ class Catalog:
             self.collections[name] = collection
             return collection
 
+    def repair(self, name: str) -> RepairReport:
+        """Rebuild a degraded or damaged collection from its intact files, then serve it again."""
+        if self.read_only:
+            raise ReadOnly("this replica is read-only; repair collections on the writer")
+        with self._lock:
+            if name not in self.collections and name not in self.broken:
+                raise NotFound(f"no collection named {name!r}")
+            collection = self.collections.pop(name, None)
+            if collection is not None:
+                with collection._write_lock:  # no write of this collection is half-way through
+                    collection.close()
+            try:
+                report = repair(self.data_dir / name)
+            finally:
+                self.refresh()
+            return report
+
     def drop(self, name: str) -> None:
         if self.read_only:
             raise ReadOnly("this replica is read-only; drop collections on the writer")
         with self._lock:
-            collection = self.get(name)
-            del self.collections[name]
+            if name not in self.broken:  # a damaged collection can be dropped too
+                self.get(name)
+            collection = self.collections.pop(name, None)
+            self.broken.pop(name, None)
             trash = self.data_dir / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-            (self.data_dir / name).rename(trash)  # atomic: a crash never leaves half a collection
-            collection.close()
+            with storage_errors(self.data_dir):
+                (self.data_dir / name).rename(trash)  # atomic: a crash never leaves half a collection
+            if collection is not None:
+                collection.close()
             shutil.rmtree(trash, ignore_errors=True)
 
     def names(self) -> list[str]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from .errors import CorruptIndex, InvalidArgument, NotFound, ReadOnly
 from .fusion import reciprocal_rank, weighted_scores
 from .registry import make_retrievers
 from .settings import CollectionSettings
+from .storage import (TEMPORARY_PREFIX, describe_files, file_checksum, fsync_dir, remove_temporary, row_checksum,
+                      seal, storage_errors, unseal, verify_files, write_atomically)
 
 log = logging.getLogger(__name__)
 
@@ -33,54 +35,67 @@ MANIFESTS_KEPT = 2  # the newest, and the one before it to fall back to if the n
 FUSION_DEPTH = 100  # each retriever's list length before fusion
 AUTO_COMPACT_SEGMENTS = 32
 AUTO_COMPACT_DELETED_RATIO = 0.3
+SEGMENT_NAME = re.compile(r"seg-\d{20}(-salvaged)*")
+MANIFEST_KEYS = {"generation", "segments", "deleted", "committed_at"}
+QUARANTINE = "quarantine"  # damaged files a repair moved aside; Sieve never deletes them
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def read_manifest(path: Path, label: str) -> dict:
+    """A manifest whose checksum and every field check out, or CorruptIndex naming what is wrong."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        raw = path.read_bytes()
+    except OSError as error:
+        raise CorruptIndex(f"{label}: cannot be read ({error.strerror})") from None
+    manifest = unseal(raw, label)
+
+    def check(condition: bool, what: str) -> None:
+        if not condition:
+            raise CorruptIndex(f"{label}: {what}")
+
+    check(set(manifest) >= {"generation", "segments", "deleted"}, "a field is missing")
+    check(set(manifest) <= MANIFEST_KEYS, f"unknown field(s) {sorted(set(manifest) - MANIFEST_KEYS)}")
+    check(type(manifest["generation"]) is int and manifest["generation"] >= 0, "'generation' is not a number >= 0")
+    segments, deleted = manifest["segments"], manifest["deleted"]
+    check(isinstance(segments, list) and all(isinstance(n, str) and SEGMENT_NAME.fullmatch(n) for n in segments)
+          and len(set(segments)) == len(segments), "'segments' is not a list of distinct segment names")
+    check(isinstance(deleted, dict) and set(deleted) <= set(segments)
+          and all(isinstance(rows, list) and all(type(r) is int and r >= 0 for r in rows) for rows in deleted.values()),
+          "'deleted' is not a mapping of its segments to row numbers")
+    return manifest
+
+
+def manifest_number(path: Path) -> int:
+    return int(path.stem.split("-")[1])
 
 
 class Segment:
-    """An immutable batch of documents: stored text, ids, and each retriever's part."""
+    """An immutable batch of documents: stored text, ids, and each retriever's part. Every file is
+    verified against its recorded size and checksum when the segment is opened."""
 
-    def __init__(self, directory: Path, retrievers: dict):
+    def __init__(self, directory: Path, retrievers: dict, label: str):
         self.directory = directory
         self.name = directory.name
+        self.label = label  # the folder, relative to the data directory: messages name no server path
         try:
-            meta = json.loads((directory / "meta.json").read_text())
-            for name, size in meta["files"].items():  # a truncated or replaced file names itself
-                found = (directory / name).stat().st_size if (directory / name).exists() else None
-                if found != size:
-                    raise CorruptIndex(f"{directory / name}: expected {size} bytes, found "
-                                       f"{'no file' if found is None else found} (truncated or replaced?)")
-            self.bytes = sum(meta["files"].values())
+            meta = unseal((directory / "meta.json").read_bytes(), f"{label}/meta.json")
+            verify_files(directory, meta["files"], label)
+            self.bytes = sum(r if isinstance(r, int) else r["bytes"] for r in meta["files"].values())
             self.indexed: int = meta["indexed"]  # rows [0, indexed) are searchable, the rest were pruned
+            self.replaces: list[str] = meta.get("replaces", [])  # segments a compaction rewrote into this one
             self.ids: list[str] = json.loads((directory / "ids.json").read_text())
             self.offsets = np.load(directory / "offsets.npy")
             quality = directory / "quality.npy"
             self.quality = np.load(quality) if quality.exists() else None
             self._docs = open(directory / "docs.jsonl", "rb")
             if len(self.ids) != len(self.offsets) - 1 or self.offsets[-1] != os.fstat(self._docs.fileno()).st_size:
-                raise CorruptIndex(f"{directory / 'docs.jsonl'}: size does not match its offsets (truncated?)")
+                raise CorruptIndex(f"{label}/docs.jsonl: size does not match its offsets (truncated?)")
             # A segment whose every passage was pruned has no index parts, only stored documents.
             self.parts = {name: r.open(directory) for name, r in retrievers.items()} if self.indexed else {}
         except CorruptIndex:
             raise
-        except Exception as error:  # any unreadable file names itself in the message
-            raise CorruptIndex(f"segment {directory} cannot be read: {error}") from error
+        except Exception as error:  # any unreadable file names itself, relative to the data directory
+            detail = f"{type(error).__name__}: {error}".replace(str(directory), label)
+            raise CorruptIndex(f"{label} cannot be read: {detail}") from None
         self._read_lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -91,33 +106,41 @@ class Segment:
         with self._read_lock:
             self._docs.seek(start)
             raw = self._docs.read(end - start)
-        return Document.from_json(json.loads(raw))
+        try:
+            return Document.from_json(json.loads(raw))
+        except Exception as error:  # changed on disk after it was verified
+            raise CorruptIndex(f"{self.label}/docs.jsonl: row {row} cannot be read ({error})") from None
 
     def close(self) -> None:
         self._docs.close()
 
     @staticmethod
     def write(directory: Path, docs: list[Document], indexed: int, encoded: dict[str, Any],
-              retrievers: dict, quality: np.ndarray | None) -> None:
+              retrievers: dict, quality: np.ndarray | None, replaces: list[str] = ()) -> None:
         directory.mkdir(parents=True)
-        offsets = [0]
+        offsets, checksums = [0], []
         with open(directory / "docs.jsonl", "wb") as f:
             for doc in docs:
-                f.write(json.dumps(doc.to_json(), ensure_ascii=False).encode() + b"\n")
+                line = json.dumps(doc.to_json(), ensure_ascii=False).encode()
+                f.write(line + b"\n")
                 offsets.append(f.tell())
+                checksums.append(row_checksum(line))
         np.save(directory / "offsets.npy", np.asarray(offsets, "int64"))
+        # One checksum a row: a repair can tell each intact document of a damaged segment from a changed one.
+        np.save(directory / "rows.xxh3.npy", np.asarray(checksums, "uint64"))
         (directory / "ids.json").write_text(json.dumps([doc.id for doc in docs]))
         if quality is not None:
             np.save(directory / "quality.npy", quality.astype("float32"))
         if indexed:
             for name, retriever in retrievers.items():
                 retriever.write(directory, encoded[name])
-        files = {path.name: path.stat().st_size for path in directory.iterdir()}
-        (directory / "meta.json").write_text(json.dumps({"indexed": indexed, "documents": len(docs), "files": files}))
+        meta = {"indexed": indexed, "documents": len(docs), "files": describe_files(directory),
+                "replaces": list(replaces)}
+        (directory / "meta.json").write_bytes(seal(meta))
         for path in directory.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 @dataclass(frozen=True)
@@ -176,6 +199,53 @@ class PreparedBatch:
     quality: np.ndarray | None
 
 
+@dataclass
+class Health:
+    """Whether the newest generation is served; what is damaged, kept and moved aside, by relative path."""
+
+    problems: list[str] = field(default_factory=list)  # empty: the newest generation is served
+    kept_files: list[str] = field(default_factory=list)  # segments no usable manifest names, kept for repair
+    quarantined: list[str] = field(default_factory=list)
+    housekeeping_failures: int = 0  # cleanups or compactions after a commit that failed (the commit stood)
+
+    @property
+    def state(self) -> str:
+        return "degraded" if self.problems else "ok"
+
+
+@dataclass
+class RepairReport:
+    restored_segments: list[str]
+    salvaged_documents: int
+    lost_documents: int
+    quarantined: list[str]
+    note: str
+
+
+def read_settings(directory: Path) -> CollectionSettings:
+    path = directory / "settings.json"
+    label = str(path.relative_to(directory.parent))
+    try:
+        return CollectionSettings.from_dict(unseal(path.read_bytes(), label))
+    except OSError as error:
+        raise CorruptIndex(f"{label}: cannot be read ({error.strerror})") from None
+    except InvalidArgument as error:
+        raise CorruptIndex(f"{label}: {error}") from None
+
+
+def write_segment(folders: Path, name: str, batch: PreparedBatch, retrievers: dict, label,
+                  replaces: tuple[str, ...] = ()) -> Segment:
+    """Written aside, renamed into place, opened (and so verified); nothing is left behind on failure."""
+    tmp, final = folders / f"{TEMPORARY_PREFIX}{name}", folders / name
+    try:
+        Segment.write(tmp, batch.documents, batch.indexed, batch.encoded, retrievers, batch.quality, replaces)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Segment(final, retrievers, label(final))
+
+
 class Collection:
     def __init__(self, directory: Path, settings: CollectionSettings, read_only: bool = False):
         self.directory = directory
@@ -184,57 +254,86 @@ class Collection:
         self.read_only = read_only  # a replica of a volume another process writes: never deletes a file
         self.retrievers = make_retrievers(settings)
         self._write_lock = threading.Lock()
+        self.health = Health()
         self.snapshot = self._load()
+
+    def _label(self, path: Path) -> str:
+        return str(path.relative_to(self.directory.parent))
 
     # Opening and committing --------------------------------------------------------------------
     @classmethod
     def create(cls, directory: Path, settings: CollectionSettings) -> "Collection":
         make_retrievers(settings)  # a setting no retriever accepts (a missing artifact) fails before any file
-        directory.mkdir(parents=True)
-        (directory / "segments").mkdir()
-        _write_atomically(directory / "settings.json", json.dumps(settings.to_dict(), indent=2).encode())
-        _write_atomically(directory / "manifest-0000000000.json", json.dumps(
-            {"generation": 0, "segments": [], "deleted": {}}).encode())
+        staging = directory.with_name(f"{TEMPORARY_PREFIX}{directory.name}-{time.time_ns()}")
+        with storage_errors(directory.parent):
+            try:  # built aside and renamed: a full disk never leaves half a collection under its name
+                (staging / "segments").mkdir(parents=True)
+                write_atomically(staging / "settings.json", seal(settings.to_dict()))
+                write_atomically(staging / "manifest-0000000000.json",
+                                 seal({"generation": 0, "segments": [], "deleted": {}}))
+                os.rename(staging, directory)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            fsync_dir(directory.parent)
         return cls(directory, settings)
 
     @classmethod
     def open(cls, directory: Path, read_only: bool = False) -> "Collection":
-        path = directory / "settings.json"
-        try:
-            settings = CollectionSettings.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError) as error:
-            raise CorruptIndex(f"{path}: {error}") from error
-        return cls(directory, settings, read_only)
+        return cls(directory, read_settings(directory), read_only)
 
     def _manifests(self) -> list[Path]:
         return sorted(self.directory.glob("manifest-*.json"), reverse=True)
 
     def _load(self, opened: dict[str, Segment] | None = None) -> Snapshot:
-        """The newest manifest whose files all read; a damaged one is reported and skipped."""
-        errors = []
-        opened = opened or {}
+        """The newest manifest whose files all verify. When a newer one is damaged, the collection is
+        degraded: an older generation is served, writes are refused and nothing is deleted until a repair."""
+        if not self.read_only:
+            remove_temporary(self.directory)
+            remove_temporary(self.directory / "segments")
+        tried = dict(opened or {})
+        problems = []
         for path in self._manifests():
+            label = self._label(path)
             try:
-                manifest = json.loads(path.read_text())
-                segments = [opened.get(name) or Segment(self.directory / "segments" / name, self.retrievers)
-                            for name in manifest["segments"]]
+                manifest = read_manifest(path, label)
+                segments = []
+                for name in manifest["segments"]:
+                    if name not in tried:
+                        folder = self.directory / "segments" / name
+                        tried[name] = Segment(folder, self.retrievers, self._label(folder))
+                    segments.append(tried[name])
                 snapshot = self._snapshot(manifest, segments)
-            except (CorruptIndex, OSError, ValueError, KeyError) as error:
-                log.error("collection %s: %s is unusable (%s); trying the previous generation",
-                          self.name, path, error)
-                errors.append(f"{path}: {error}")
+            except Exception as error:  # any failure: this generation is unusable, the server stays up
+                reason = str(error) if isinstance(error, CorruptIndex) else f"{type(error).__name__}: {error}"
+                problems.append(reason if reason.startswith(label) else f"{label}: {reason}")
+                log.error("collection %s: %s; trying the previous generation", self.name, problems[-1])
                 continue
-            if errors:
-                log.warning("collection %s serves generation %d", self.name, snapshot.generation)
-            self.load_errors = errors
-            if not self.read_only:
-                self._remove_orphans(manifest)
+            for name, segment in tried.items():
+                if name not in manifest["segments"] and name not in (opened or {}):
+                    segment.close()
+            self.health.problems = problems
+            self.health.kept_files = [self._label(d) for d in sorted((self.directory / "segments").iterdir())
+                                      if d.name not in manifest["segments"]] if problems else []
+            quarantine = self.directory / QUARANTINE
+            self.health.quarantined = [self._label(p) for p in sorted(quarantine.rglob("*"))
+                                       if p.parent in (quarantine, quarantine / "segments")
+                                       and p.name != "segments"] if quarantine.is_dir() else []
+            if problems:
+                log.warning("collection %s is degraded: serves generation %d, refuses writes until repaired; "
+                            "kept: %s", self.name, snapshot.generation, ", ".join(self.health.kept_files) or "-")
+            elif not self.read_only:
+                self.snapshot = snapshot
+                self._tidy()
             return snapshot
-        raise CorruptIndex("; ".join(errors) or f"{self.directory}: no manifest")
+        raise CorruptIndex("; ".join(problems) or f"{self.name}: no manifest")
 
     @staticmethod
     def _snapshot(manifest: dict, segments: list[Segment]) -> Snapshot:
         deleted = tuple(np.array(sorted(manifest["deleted"].get(s.name, [])), "int64") for s in segments)
+        for segment, gone in zip(segments, deleted):
+            if len(gone) and gone[-1] >= len(segment):
+                raise CorruptIndex(f"tombstone row {gone[-1]} is beyond {segment.label} ({len(segment)} rows)")
         id_map: dict[str, tuple[int, int]] = {}
         for position, (segment, gone) in enumerate(zip(segments, deleted)):
             dead = set(gone.tolist())
@@ -243,25 +342,33 @@ class Collection:
                     id_map[doc_id] = (position, row)
         return Snapshot(manifest["generation"], tuple(segments), deleted, id_map)
 
-    def _remove_orphans(self, manifest: dict, kept: int = MANIFESTS_KEPT) -> None:
-        """Segments no kept manifest names (a crash mid-write, or compacted away) are deleted."""
+    def _remove_orphans(self, kept: int = MANIFESTS_KEPT) -> None:
+        """Segments no kept manifest names (a crash before the commit, or compacted away) are deleted;
+        nothing is, if any kept manifest cannot be read."""
         manifests = self._manifests()
-        referenced = set(manifest["segments"])
+        referenced = set()
         for path in manifests[:kept]:
-            try:
-                referenced |= set(json.loads(path.read_text())["segments"])
-            except (OSError, ValueError, KeyError):
-                pass
+            referenced |= set(read_manifest(path, self._label(path))["segments"])
         for path in manifests[kept:]:
             path.unlink(missing_ok=True)
         for directory in (self.directory / "segments").iterdir():
-            if directory.name not in referenced:
-                shutil.rmtree(directory, ignore_errors=True)
+            if directory.name not in referenced and SEGMENT_NAME.fullmatch(directory.name):
+                shutil.rmtree(directory)
+
+    def _tidy(self, kept: int = MANIFESTS_KEPT) -> None:
+        """Housekeeping after a commit or a load: a failure is logged and counted, and never turns the
+        committed write into an error; the next commit tries again."""
+        try:
+            self._remove_orphans(kept)
+        except Exception as error:
+            self.health.housekeeping_failures += 1
+            log.error("collection %s: cleanup after generation %d failed, retried after the next commit: %s",
+                      self.name, self.snapshot.generation, error)
 
     def refresh(self) -> bool:
         """Read-only replicas: switch to a newer generation written by the writer, if there is one."""
         newest = self._manifests()
-        if not newest or int(newest[0].stem.split("-")[1]) <= self.snapshot.generation:
+        if not newest or manifest_number(newest[0]) <= self.snapshot.generation:
             return False
         snapshot = self._load({s.name: s for s in self.snapshot.segments})
         changed = snapshot.generation != self.snapshot.generation
@@ -271,30 +378,46 @@ class Collection:
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnly(f"this replica serves {self.name!r} read-only; send writes to the writer")
+        if self.health.problems:
+            raise CorruptIndex(f"collection {self.name!r} is degraded: it serves generation "
+                               f"{self.snapshot.generation} and refuses writes until `sieve collections repair "
+                               f"{self.name}` ({self.health.problems[0]})")
 
-    def _commit(self, segments: list[Segment], deleted: dict[str, list[int]], kept: int = MANIFESTS_KEPT) -> Snapshot:
-        generation = self.snapshot.generation + 1
-        manifest = {
-            "generation": generation,
-            "segments": [s.name for s in segments],
-            "deleted": {name: rows for name, rows in deleted.items() if rows},
-            "committed_at": time.time(),
-        }
-        _write_atomically(self.directory / f"manifest-{generation:010d}.json", json.dumps(manifest).encode())
+    def _commit(self, batch: PreparedBatch | None, segments: list[Segment], deleted: dict[str, list[int]],
+                kept: int = MANIFESTS_KEPT, replaces: tuple[str, ...] = ()) -> Snapshot:
+        """Write the batch's segment (if any), then the manifest: the commit point. A failure before it
+        leaves the previous generation and nothing of this write on disk."""
+        newest = self._manifests()
+        generation = max(self.snapshot.generation, manifest_number(newest[0]) if newest else 0) + 1
+        path = self.directory / f"manifest-{generation:010d}.json"
+        with storage_errors(self.directory.parent):
+            segment = self._new_segment(batch, replaces) if batch is not None else None
+            segments = segments + ([segment] if segment else [])
+            manifest = {
+                "generation": generation,
+                "segments": [s.name for s in segments],
+                "deleted": {name: rows for name, rows in deleted.items() if rows},
+                "committed_at": time.time(),
+            }
+            try:
+                write_atomically(path, seal(manifest))
+            except BaseException:
+                if not path.exists() and segment is not None:  # renamed but never named by a manifest
+                    segment.close()
+                    shutil.rmtree(segment.directory, ignore_errors=True)
+                    raise
+                self.snapshot = self._snapshot(manifest, segments)  # committed; only the folder's fsync failed
+                raise
         self.snapshot = self._snapshot(manifest, segments)
-        self._remove_orphans(manifest, kept)
+        self._tidy(kept)
         return self.snapshot
 
     def _deleted_lists(self) -> dict[str, list[int]]:
         return {s.name: d.tolist() for s, d in zip(self.snapshot.segments, self.snapshot.deleted)}
 
-    def _new_segment(self, batch: PreparedBatch) -> Segment:
-        name = f"seg-{time.time_ns():020d}"
-        tmp = self.directory / "segments" / f".tmp-{name}"
-        Segment.write(tmp, batch.documents, batch.indexed, batch.encoded, self.retrievers, batch.quality)
-        final = self.directory / "segments" / name
-        os.rename(tmp, final)
-        return Segment(final, self.retrievers)
+    def _new_segment(self, batch: PreparedBatch, replaces: tuple[str, ...] = ()) -> Segment:
+        return write_segment(self.directory / "segments", f"seg-{time.time_ns():020d}", batch, self.retrievers,
+                             self._label, replaces)
 
     # Writing -----------------------------------------------------------------------------------
     def prepare(self, docs: list[Document], prune: bool = True, progress: bool = False) -> PreparedBatch:
@@ -310,18 +433,18 @@ class Collection:
         return PreparedBatch(kept + pruned, len(kept), encoded, quality)
 
     def commit(self, batch: PreparedBatch) -> UpsertResult:
-        """Make a prepared batch visible; earlier versions of its ids become tombstones."""
+        """Make a prepared batch visible; earlier versions of its ids become tombstones. Returning means
+        committed: housekeeping afterwards never raises."""
         with self._write_lock:
+            self._check_writable()
             deleted = self._deleted_lists()
             snapshot = self.snapshot
             for doc in batch.documents:
                 if doc.id in snapshot.id_map:
                     position, row = snapshot.id_map[doc.id]
                     deleted[snapshot.segments[position].name].append(row)
-            segments = list(snapshot.segments)
-            if batch.encoded or batch.documents:
-                segments.append(self._new_segment(batch))
-            generation = self._commit(segments, deleted).generation
+            generation = self._commit(batch if batch.documents else None, list(snapshot.segments),
+                                      deleted).generation
         self._maybe_compact()
         return UpsertResult(batch.indexed, len(batch.documents) - batch.indexed, generation)
 
@@ -344,7 +467,8 @@ class Collection:
                     found += 1
                 else:
                     missing.append(doc_id)
-            generation = self._commit(list(snapshot.segments), deleted).generation if found else snapshot.generation
+            generation = self._commit(None, list(snapshot.segments), deleted).generation if found \
+                else snapshot.generation
         self._maybe_compact()
         return found, missing, generation
 
@@ -374,17 +498,22 @@ class Collection:
                     return s.quality[rows] if s.quality is not None else np.full(len(rows), np.nan, "float32")
                 quality = np.concatenate([scores(s, rows) for s, rows in zip(snapshot.segments, kept_rows)]
                                          + [scores(s, rows) for s, rows in zip(snapshot.segments, pruned_rows)])
-            segments = [self._new_segment(PreparedBatch(documents, indexed, encoded, quality))] if documents else []
-            # The new segment was just opened, so it reads; the old ones go now to reclaim the space.
-            self._commit(segments, {}, kept=1)
-            log.info("collection %s compacted into %d segment(s)", self.name, len(segments))
+            batch = PreparedBatch(documents, indexed, encoded, quality) if documents else None
+            # The old segments go at once (kept=1) to reclaim the space; a repair knows the new one replaces them.
+            self._commit(batch, [], {}, kept=1, replaces=tuple(s.name for s in snapshot.segments))
+            log.info("collection %s compacted into %d segment(s)", self.name, 1 if batch else 0)
 
     def _maybe_compact(self) -> None:
         snapshot = self.snapshot
         total = sum(len(s) for s in snapshot.segments)
         deleted = sum(len(d) for d in snapshot.deleted)
         if len(snapshot.segments) > AUTO_COMPACT_SEGMENTS or (total and deleted / total > AUTO_COMPACT_DELETED_RATIO):
-            self.compact()
+            try:
+                self.compact()
+            except Exception as error:  # the write that triggered it is committed; the next one retries
+                self.health.housekeeping_failures += 1
+                log.error("collection %s: automatic compaction failed, retried after the next write: %s",
+                          self.name, error)
 
     # Reading -----------------------------------------------------------------------------------
     def check_retrievers(self, names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -474,3 +603,153 @@ class Collection:
     def close(self) -> None:
         for segment in self.snapshot.segments:
             segment.close()
+
+
+def _salvage(folder: Path) -> tuple[dict[int, Document], int, int | None, tuple[str, ...]]:
+    """What of a damaged segment is still intact: ({row: document}, rows in all, rows indexed (None:
+    unknown), segments it replaced). A row is intact when docs.jsonl as a whole still has its recorded
+    checksum, or else when its own bytes match their row checksum."""
+    try:
+        meta = unseal((folder / "meta.json").read_bytes(), folder.name)
+        indexed, replaces, files = int(meta["indexed"]), tuple(meta.get("replaces", ())), meta["files"]
+    except Exception:
+        indexed, replaces, files = None, (), {}
+    try:
+        docs = (folder / "docs.jsonl").read_bytes()
+    except OSError:
+        docs = b""
+    lines = docs.split(b"\n")[:-1]  # JSON escapes newlines inside strings
+    recorded = files.get("docs.jsonl")
+    if docs and isinstance(recorded, dict) and recorded.get("xxh3") == file_checksum(folder / "docs.jsonl"):
+        checksums = [row_checksum(line) for line in lines]
+    else:
+        try:
+            checksums = np.load(folder / "rows.xxh3.npy").tolist()
+        except Exception:
+            checksums = []  # neither can be trusted: no row can be told intact
+    intact = {}
+    for row, (line, expected) in enumerate(zip(lines, checksums)):
+        if row_checksum(line) == expected:
+            try:
+                intact[row] = Document.from_json(json.loads(line))
+            except Exception:
+                pass
+    return intact, max(len(lines), len(checksums)), indexed, replaces
+
+
+def _move_aside(path: Path, quarantine: Path) -> str:
+    quarantine.mkdir(parents=True, exist_ok=True)
+    target = quarantine / path.name
+    if target.exists():
+        target = quarantine / f"{path.name}.{time.time_ns()}"
+    os.rename(path, target)
+    return target.name
+
+
+def repair(directory: Path) -> RepairReport:
+    """Rebuild a collection's manifest from what is intact on disk; damaged files are moved to
+    <collection>/quarantine, never deleted.
+
+    The base is the newest manifest that reads, with its tombstones. Segments written after its newest
+    one are added in commit order (their names are creation times; a compaction's output replaces the
+    segments it rewrote), later versions of an id replacing earlier ones as upserts do. The intact
+    documents of a damaged segment are re-encoded into a segment that takes its place in that order."""
+    root = directory.parent
+    label = lambda path: str(path.relative_to(root))  # noqa: E731
+    settings = read_settings(directory)
+    retrievers = make_retrievers(settings)
+    folders = directory / "segments"
+    quarantine = directory / QUARANTINE
+    with storage_errors(root):
+        remove_temporary(directory)
+        remove_temporary(folders)
+        manifests = sorted(directory.glob("manifest-*.json"), reverse=True)
+        on_disk = {d.name: d for d in folders.iterdir() if SEGMENT_NAME.fullmatch(d.name)}
+        readable, damaged_manifests = [], []
+        for path in manifests:
+            try:
+                readable.append((path, read_manifest(path, label(path))))
+            except CorruptIndex as error:
+                log.warning("repair %s: %s", directory.name, error)
+                damaged_manifests.append(path)
+        # The base: the newest manifest whose segments are all on disk (intact or not) and its tombstones.
+        complete = [(p, m) for p, m in readable if all(name in on_disk for name in m["segments"])]
+        base_path, base = (complete or readable or [(None, {"generation": 0, "segments": [], "deleted": {}})])[0]
+        damaged_manifests += [p for p, m in readable if m["generation"] > base["generation"] and p != base_path]
+        newer_damaged = [p for p in damaged_manifests if manifest_number(p) > base["generation"]]
+
+        newest = max(base["segments"], default="")
+        order = list(base["segments"]) + sorted(name for name in on_disk if name > newest)
+        intact: dict[str, Segment] = {}
+        salvaged: dict[str, tuple[dict[int, Document], int, int | None]] = {}
+        for name in list(order):
+            if name not in on_disk:
+                continue
+            try:
+                intact[name] = Segment(on_disk[name], retrievers, label(on_disk[name]))
+                replaces = intact[name].replaces
+            except CorruptIndex as error:
+                log.warning("repair %s: %s", directory.name, error)
+                *salvaged[name], replaces = _salvage(on_disk[name])
+            order = [n for n in order if n not in replaces]
+        missing = [name for name in order if name not in on_disk]
+        lost = sum(1 for name in order if name in salvaged for row in range(salvaged[name][1])
+                   if row not in salvaged[name][0] and row not in base["deleted"].get(name, ()))
+
+        # Replay the commits: the newest version of each id is live, every earlier one a tombstone.
+        live: dict[str, tuple[str, int]] = {}
+        deleted: dict[str, list[int]] = {name: list(base["deleted"].get(name, ())) for name in order}
+        for name in order:
+            gone = set(base["deleted"].get(name, ()))
+            rows = range(len(intact[name])) if name in intact else salvaged.get(name, ({},))[0]
+            for row in rows:
+                if row in gone:
+                    continue
+                doc_id = intact[name].ids[row] if name in intact else salvaged[name][0][row].id
+                if doc_id in live:
+                    earlier, earlier_row = live[doc_id]
+                    deleted[earlier].append(earlier_row)
+                live[doc_id] = (name, row)
+
+        segments, restored, moved = [], [], []
+        salvaged_count = 0
+        for name in order:
+            if name in intact:
+                segments.append(intact[name])
+                restored += [name] if name not in base["segments"] else []
+            elif name in salvaged:
+                rows, _, indexed = salvaged[name]
+                alive = [row for row in sorted(rows) if live.get(rows[row].id) == (name, row)]
+                if alive:
+                    kept = [rows[r] for r in alive if indexed is None or r < indexed]
+                    pruned = [rows[r] for r in alive if indexed is not None and r >= indexed]
+                    encoded = {n: r.encode_documents(kept) for n, r in retrievers.items()} if kept else {}
+                    batch = PreparedBatch(kept + pruned, len(kept), encoded, None)
+                    segment = write_segment(folders, f"{name}-salvaged", batch, retrievers, label)
+                    segments.append(segment)
+                    salvaged_count += len(alive)
+                    deleted[segment.name] = []
+                moved.append(label(quarantine / "segments" / _move_aside(on_disk[name], quarantine / "segments")))
+        for path in damaged_manifests:
+            moved.append(label(quarantine / _move_aside(path, quarantine)))
+
+        generation = max([base["generation"], *(manifest_number(p) for p in manifests)]) + 1
+        write_atomically(directory / f"manifest-{generation:010d}.json", seal({
+            "generation": generation,
+            "segments": [s.name for s in segments],
+            "deleted": {s.name: sorted(deleted.get(s.name, [])) for s in segments if deleted.get(s.name)},
+            "committed_at": time.time(),
+        }))
+        for segment in segments:
+            segment.close()
+    notes = []
+    if newer_damaged:
+        notes.append(f"deletes made after generation {base['generation']} were recorded only in a damaged "
+                     "manifest and cannot be known: send them again if there were any")
+    if missing:
+        notes.append(f"segments named by generation {base['generation']} are missing from disk: "
+                     f"{', '.join(missing)}; restore them from a backup and repair again")
+    log.warning("repaired collection %s: generation %d, %d segment(s) restored, %d document(s) salvaged, "
+                "%d lost", directory.name, generation, len(restored), salvaged_count, lost)
+    return RepairReport(restored, salvaged_count, lost, moved, "; ".join(notes))
+

@@ -28,3 +28,7 @@ class CorruptIndex(SieveError):
 
 class ReadOnly(SieveError):
     """A write reached a read-only replica."""
+
+
+class Unavailable(SieveError):
+    """The server cannot do this now (still loading, or the disk failed); retrying may succeed."""

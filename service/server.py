@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from sieve.index.catalog import Catalog
 from sieve.index.documents import Document, validate_batch
 from sieve.index.errors import (AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly, ResourceExhausted,
-                                SieveError)
+                                SieveError, Unavailable)
 from sieve.index.settings import CollectionSettings
 from sieve.v1 import sieve_pb2 as pb
 
@@ -46,14 +46,8 @@ STATUS = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CorruptIndex: grpc.StatusCode.FAILED_PRECONDITION,
     ReadOnly: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
-
-
-class Unavailable(SieveError):
-    pass
-
-
-STATUS[Unavailable] = grpc.StatusCode.UNAVAILABLE
 
 
 class _Undecodable:

@@ -58,7 +58,9 @@ def test_damaged_newest_manifest_falls_back_to_previous_generation(tmp_path, adi
     newest.write_text(newest.read_text()[:25])  # truncated
     reopened = Collection.open(tmp_path / "c")
     assert reopened.snapshot.generation == 1 and reopened.stats()["documents"] == 20
-    assert any(str(newest) in error for error in reopened.load_errors)
+    assert reopened.health.state == "degraded"
+    assert any(error.startswith(f"c/{newest.name}") for error in reopened.health.problems)
+    assert len(list((tmp_path / "c" / "segments").iterdir())) == 2  # the newest segment is kept for repair
 
 
 def test_truncated_segment_file_is_named(tmp_path, adi):

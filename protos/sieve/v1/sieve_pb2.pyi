@@ -235,14 +235,28 @@ class CollectionStats(_message.Message):
     def __init__(self, documents: _Optional[int] = ..., deleted: _Optional[int] = ..., pruned: _Optional[int] = ..., segments: _Optional[int] = ..., bytes_on_disk: _Optional[int] = ..., generation: _Optional[int] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("name", "settings", "stats")
+    __slots__ = ("name", "settings", "stats", "health")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     settings: _struct_pb2.Struct
     stats: CollectionStats
-    def __init__(self, name: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., stats: _Optional[_Union[CollectionStats, _Mapping]] = ...) -> None: ...
+    health: CollectionHealth
+    def __init__(self, name: _Optional[str] = ..., settings: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., stats: _Optional[_Union[CollectionStats, _Mapping]] = ..., health: _Optional[_Union[CollectionHealth, _Mapping]] = ...) -> None: ...
+
+class CollectionHealth(_message.Message):
+    __slots__ = ("state", "problems", "kept_files", "quarantined")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FILES_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    kept_files: _containers.RepeatedScalarFieldContainer[str]
+    quarantined: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, state: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ..., kept_files: _Optional[_Iterable[str]] = ..., quarantined: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListCollectionsRequest(_message.Message):
     __slots__ = ()
@@ -275,3 +289,25 @@ class CompactRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RepairCollectionRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RepairCollectionResponse(_message.Message):
+    __slots__ = ("collection", "restored_segments", "salvaged_documents", "lost_documents", "quarantined", "note")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SALVAGED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    LOST_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    collection: CollectionInfo
+    restored_segments: _containers.RepeatedScalarFieldContainer[str]
+    salvaged_documents: int
+    lost_documents: int
+    quarantined: _containers.RepeatedScalarFieldContainer[str]
+    note: str
+    def __init__(self, collection: _Optional[_Union[CollectionInfo, _Mapping]] = ..., restored_segments: _Optional[_Iterable[str]] = ..., salvaged_documents: _Optional[int] = ..., lost_documents: _Optional[int] = ..., quarantined: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...

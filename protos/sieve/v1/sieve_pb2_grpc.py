@@ -387,6 +387,11 @@ class CollectionServiceStub:
                 request_serializer=sieve_dot_v1_dot_sieve__pb2.CompactRequest.SerializeToString,
                 response_deserializer=sieve_dot_v1_dot_sieve__pb2.CollectionInfo.FromString,
                 _registered_method=True)
+        self.RepairCollection = channel.unary_unary(
+                '/sieve.v1.CollectionService/RepairCollection',
+                request_serializer=sieve_dot_v1_dot_sieve__pb2.RepairCollectionRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_sieve__pb2.RepairCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class CollectionServiceServicer:
@@ -423,6 +428,13 @@ class CollectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RepairCollection(self, request, context):
+        """Rebuild a degraded or damaged collection's manifest from its intact segments (see the runbook).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -450,6 +462,11 @@ def add_CollectionServiceServicer_to_server(servicer, server):
                     servicer.Compact,
                     request_deserializer=sieve_dot_v1_dot_sieve__pb2.CompactRequest.FromString,
                     response_serializer=sieve_dot_v1_dot_sieve__pb2.CollectionInfo.SerializeToString,
+            ),
+            'RepairCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepairCollection,
+                    request_deserializer=sieve_dot_v1_dot_sieve__pb2.RepairCollectionRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_sieve__pb2.RepairCollectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +605,33 @@ class CollectionService:
             '/sieve.v1.CollectionService/Compact',
             sieve_dot_v1_dot_sieve__pb2.CompactRequest.SerializeToString,
             sieve_dot_v1_dot_sieve__pb2.CollectionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepairCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.CollectionService/RepairCollection',
+            sieve_dot_v1_dot_sieve__pb2.RepairCollectionRequest.SerializeToString,
+            sieve_dot_v1_dot_sieve__pb2.RepairCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,
