@@ -402,11 +402,11 @@ class Collection:
             try:
                 write_atomically(path, seal(manifest))
             except BaseException:
-                if not path.exists() and segment is not None:  # renamed but never named by a manifest
+                if path.exists():  # committed; only the folder's fsync failed
+                    self.snapshot = self._snapshot(manifest, segments)
+                elif segment is not None:  # renamed into place but never named by a manifest
                     segment.close()
                     shutil.rmtree(segment.directory, ignore_errors=True)
-                    raise
-                self.snapshot = self._snapshot(manifest, segments)  # committed; only the folder's fsync failed
                 raise
         self.snapshot = self._snapshot(manifest, segments)
         self._tidy(kept)

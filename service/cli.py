@@ -147,6 +147,16 @@ def cmd_collections(args) -> int:
             info = client.describe(args.name)
         elif args.action == "compact":
             info = client.compact(args.name)
+        elif args.action == "repair":
+            report = client.repair(args.name)
+            print(f"repaired {args.name!r}: generation {report.collection.stats.generation}, "
+                  f"{report.collection.stats.documents} documents served; {len(report.restored_segments)} segment(s) "
+                  f"restored, {report.salvaged_documents} document(s) salvaged, {report.lost_documents} lost")
+            for path in report.quarantined:
+                print(f"moved aside (never deleted): {path}")
+            if report.note:
+                print(f"note: {report.note}")
+            return 0
         else:
             client.drop(args.name)
             print(f"dropped {args.name!r}")
@@ -264,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--json", action="store_true")
     search.set_defaults(run=cmd_search)
 
-    collections = client_command("collections", "list, create, describe, compact or drop collections")
-    collections.add_argument("action", choices=["list", "create", "describe", "compact", "drop"])
+    collections = client_command("collections", "list, create, describe, compact, repair or drop collections")
+    collections.add_argument("action", choices=["list", "create", "describe", "compact", "repair", "drop"])
     collections.add_argument("name", nargs="?")
     collections.add_argument("--settings", help="settings for create (JSON or a JSON file)")
     collections.set_defaults(run=cmd_collections)

@@ -97,3 +97,8 @@ class SieveClient:
 
     def compact(self, name: str) -> pb.CollectionInfo:
         return self.collections_stub.Compact(pb.CompactRequest(name=name), metadata=self.metadata)
+
+    def repair(self, name: str, timeout: float | None = 600) -> pb.RepairCollectionResponse:
+        """Rebuild a degraded or damaged collection from its intact files (re-encoding can take minutes)."""
+        return self.collections_stub.RepairCollection(pb.RepairCollectionRequest(name=name), timeout=timeout,
+                                                      metadata=self.metadata)

@@ -25,6 +25,12 @@ COLLECTION_PRUNED = Gauge("sieve_collection_pruned", "Passages dropped by qualit
 COLLECTION_BYTES = Gauge("sieve_collection_bytes", "Bytes on disk", ["collection"])
 COLLECTION_GENERATION = Gauge("sieve_collection_generation", "Index generation served (replicas lag the writer)",
                               ["collection"])
+COLLECTION_DEGRADED = Gauge(
+    "sieve_collection_degraded", "1 while a collection serves an older generation or none (damaged files): writes "
+    "are refused until `sieve collections repair`", ["collection"])
+COLLECTION_HOUSEKEEPING_FAILURES = Gauge(
+    "sieve_collection_housekeeping_failures", "Cleanups and compactions after a commit that failed since the "
+    "collection was opened (the commits stood; the next write retries)", ["collection"])
 COLLECTION_VECTORS = Gauge(
     "sieve_collection_vectors", "Stored vectors per index, before and after token pooling",
     ["collection", "index", "stage"])
@@ -41,6 +47,11 @@ CACHE_AVAILABLE = Gauge("sieve_cache_available", "1 while Redis answers", ["back
 GPU_MEMORY_BYTES = Gauge("sieve_gpu_memory_bytes", "GPU memory allocated by torch", ["device"])
 
 
+def record_health(name: str, degraded: bool, housekeeping_failures: int = 0) -> None:
+    COLLECTION_DEGRADED.labels(name).set(1 if degraded else 0)
+    COLLECTION_HOUSEKEEPING_FAILURES.labels(name).set(housekeeping_failures)
+
+
 def record_collection(name: str, stats: dict) -> None:
     COLLECTION_DOCUMENTS.labels(name).set(stats["documents"])
     COLLECTION_DELETED.labels(name).set(stats["deleted"])
@@ -55,8 +66,10 @@ def record_collection(name: str, stats: dict) -> None:
 
 
 def forget_collection(name: str) -> None:
-    for gauge in (COLLECTION_DOCUMENTS, COLLECTION_DELETED, COLLECTION_PRUNED, COLLECTION_BYTES, COLLECTION_GENERATION):
-        gauge.remove(name)
+    for gauge in (COLLECTION_DOCUMENTS, COLLECTION_DELETED, COLLECTION_PRUNED, COLLECTION_BYTES, COLLECTION_GENERATION,
+                  COLLECTION_DEGRADED, COLLECTION_HOUSEKEEPING_FAILURES):
+        if (name,) in gauge._metrics:
+            gauge.remove(name)
     for labels in list(COLLECTION_VECTORS._metrics):  # labelled children of the dropped collection
         if labels[0] == name:
             COLLECTION_VECTORS.remove(*labels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import logging
 import signal
 import time
@@ -169,6 +170,13 @@ class Sieve:
         for name in catalog.names():
             metrics.record_collection(name, catalog.get(name).stats())
         self.catalog = catalog
+        self.record_health()
+
+    def record_health(self) -> None:
+        for name, collection in self.catalog.collections.items():
+            metrics.record_health(name, collection.health.state != "ok", collection.health.housekeeping_failures)
+        for name in self.catalog.broken:
+            metrics.record_health(name, True)
 
     def collection(self, name: str):
         if self.catalog is None:
@@ -179,6 +187,7 @@ class Sieve:
         """Collection gauges after a write (walking the files is I/O: off the event loop)."""
         stats = await asyncio.to_thread(collection.stats)
         metrics.record_collection(collection.name, stats)
+        metrics.record_health(collection.name, collection.health.state != "ok", collection.health.housekeeping_failures)
 
     def info(self, collection) -> pb.CollectionInfo:
         stats = collection.stats()
@@ -186,19 +195,32 @@ class Sieve:
         details = stats.pop("details")
         on, why = rerank_default(collection)
         details["rerank"] = {"default": on, "reason": why}
+        details["housekeeping_failures"] = collection.health.housekeeping_failures
+        health = collection.health
         return pb.CollectionInfo(
             name=collection.name,
             settings=to_struct(collection.settings.to_dict()),
             stats=pb.CollectionStats(**stats, details=to_struct(details)),
+            health=pb.CollectionHealth(state=health.state, problems=health.problems, kept_files=health.kept_files,
+                                       quarantined=health.quarantined),
         )
 
     def documents(self, request) -> list[Document]:
+        """Text, title and metadata (as stored JSON) count toward one per-document size limit."""
         docs = []
+        limit = self.config.max_document_chars
         for position, message in enumerate(request.documents):
-            if len(message.text) + len(message.title) > self.config.max_document_chars:
-                raise InvalidArgument(f"document {position} ({message.id!r}) is longer than "
-                                      f"{self.config.max_document_chars} characters")
-            docs.append(Document(message.id, message.text, message.title, from_struct(message.metadata)))
+            metadata = from_struct(message.metadata)
+            try:
+                stored = json.dumps(metadata, ensure_ascii=False, allow_nan=False)
+            except ValueError:
+                raise InvalidArgument(f"document {position} ({message.id!r}): metadata holds NaN or an infinity; "
+                                      "send finite numbers, or the value as a string") from None
+            size = len(message.text) + len(message.title) + (len(stored) if metadata else 0)
+            if size > limit:
+                raise InvalidArgument(f"document {position} ({message.id!r}) is {size} characters of text, title "
+                                      f"and metadata; the limit is {limit}")
+            docs.append(Document(message.id, message.text, message.title, metadata))
         validate_batch(docs, self.config.max_batch_documents)
         return docs
 
@@ -303,6 +325,10 @@ class SearchServicer(Servicer):
             if not request.omit_text:
                 scored.title, scored.text = hit.document.title, hit.document.text
                 scored.metadata.update(hit.document.metadata)
+        if response.ByteSize() > sieve.config.max_message_bytes:
+            raise ResourceExhausted(f"the {len(response.results)} results come to {response.ByteSize()} bytes, above "
+                                    f"the server's message limit ({sieve.config.max_message_bytes}); lower k or set "
+                                    "omit_text and fetch the documents you need")
         if cache_key is not None and result.generation == collection.snapshot.generation:
             await sieve.cache.put(cache_key, response)
         return response
@@ -401,6 +427,8 @@ class CollectionServicer(Servicer):
     async def ListCollections(self, request, context):
         catalog = self._catalog()
         infos = await asyncio.to_thread(lambda: [self.sieve.info(catalog.get(name)) for name in catalog.names()])
+        infos += [pb.CollectionInfo(name=name, health=pb.CollectionHealth(state="out of service", problems=[why]))
+                  for name, why in sorted(catalog.broken.items())]  # listed, so that an operator sees them
         return pb.ListCollectionsResponse(collections=infos)
 
     @rpc
@@ -413,6 +441,19 @@ class CollectionServicer(Servicer):
         log.info("dropped collection %s", request.name)
         metrics.forget_collection(request.name)
         return pb.DropCollectionResponse()
+
+    @rpc
+    async def RepairCollection(self, request, context):
+        catalog = self._catalog()
+        report = await asyncio.to_thread(catalog.repair, request.name)
+        log.warning("repaired collection %s: %d segment(s) restored, %d document(s) salvaged, %d lost; moved aside: "
+                    "%s", request.name, len(report.restored_segments), report.salvaged_documents,
+                    report.lost_documents, ", ".join(report.quarantined) or "nothing")
+        info = await asyncio.to_thread(self.sieve.info, catalog.get(request.name))
+        self.sieve.record_health()
+        return pb.RepairCollectionResponse(
+            collection=info, restored_segments=report.restored_segments, salvaged_documents=report.salvaged_documents,
+            lost_documents=report.lost_documents, quarantined=report.quarantined, note=report.note)
 
     @rpc
     async def Compact(self, request, context):

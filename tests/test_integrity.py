@@ -260,3 +260,80 @@ def test_committed_delete_stands_when_the_compaction_after_it_hits_a_full_disk(s
     filler.unlink()
     collection.upsert([Document("after", "space again")])
     assert collection.stats()["segments"] == 1  # compaction ran once space was back
+
+
+# Through a real server ---------------------------------------------------------------------------
+def test_server_isolates_damage_reports_it_and_repairs_over_grpc(tmp_path, adi):
+    import grpc
+
+    from sieve.service.client import SieveClient
+    from sieve.service.process import ServerProcess
+
+    data = tmp_path / "data"
+    server = ServerProcess(data).start()
+    with SieveClient(server.target) as client:
+        for name in ("good", "bad", "lost"):
+            client.create_collection(name, {"indexes": ["bm25"]})
+            for start in (0, 10, 20):
+                client.upsert(name, [adi[start:start + 10]])
+    server.stop()
+    flip(max((data / "bad" / "segments").iterdir()) / "docs.jsonl")
+    for manifest in (data / "lost").glob("manifest-*.json"):  # wrong types: no generation can load
+        manifest.write_text(json.dumps({"generation": 1, "segments": {"a": 1}, "deleted": [1, 2, 3]}))
+
+    server = ServerProcess(data).start()
+    try:
+        with SieveClient(server.target) as client:
+            assert client.search("good", adi[2].title, k=1).results[0].id == adi[2].id
+            info = client.describe("bad")
+            assert info.health.state == "degraded" and info.stats.documents == 20
+            assert "docs.jsonl: checksum mismatch" in info.health.problems[0] and str(data) not in str(info)
+            assert info.health.kept_files[0].startswith("bad/segments/seg-")
+            with pytest.raises(grpc.RpcError) as caught:
+                client.upsert("bad", [[Document("x", "y")]])
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "sieve collections repair bad" in caught.value.details()
+            with pytest.raises(grpc.RpcError) as caught:
+                client.search("lost", "anything")
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "lost/manifest-" in caught.value.details() and str(data) not in caught.value.details()
+            states = {c.name: c.health.state for c in client.list_collections().collections}
+            assert states == {"good": "ok", "bad": "degraded", "lost": "out of service"}
+
+            report = client.repair("bad")
+            assert report.lost_documents == 1 and report.salvaged_documents == 9
+            assert report.collection.health.state == "ok" and report.collection.stats.documents == 29
+            report = client.repair("lost")
+            assert report.collection.stats.documents == 30
+            client.upsert("bad", [[Document("x", "writes work again")]])
+            assert client.describe("bad").stats.documents == 30
+        assert "bad/segments/seg-" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_server_answers_resource_exhausted_on_a_full_disk_and_recovers(small_disk, adi):
+    import grpc
+
+    from sieve.service.client import SieveClient
+    from sieve.service.process import ServerProcess
+
+    server = ServerProcess(small_disk / "data").start()
+    try:
+        with SieveClient(server.target) as client:
+            client.create_collection("c", {"indexes": ["bm25"]})
+            client.upsert("c", [adi[:10]])
+            filler = fill(small_disk)
+            big = [Document(f"big-{i}", "words " * 15000) for i in range(5)]
+            for call in (lambda: client.upsert("c", [big]), lambda: client.delete("c", [adi[0].id]),
+                         lambda: client.create_collection("d", {"indexes": ["bm25"]})):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call()
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "disk full at the data directory" in caught.value.details()
+            filler.unlink()
+            client.upsert("c", [big])
+            assert client.delete("c", [adi[0].id]).deleted == 1
+            assert client.describe("c").stats.documents == 14
+    finally:
+        server.stop()
