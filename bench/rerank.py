@@ -149,7 +149,8 @@ def grpc_latency(reranker: str, corpus, queries, qids, candidates, depths=(20, 1
     requests name a collection whose settings choose the reranker."""
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        server = ServerProcess(Path(work) / "data").start()
+        roots = str(Path(reranker).expanduser().resolve().parent) if reranker else ""  # the server's model policy
+        server = ServerProcess(Path(work) / "data", {"SIEVE_MODEL_ROOTS": roots}).start()
         try:
             with SieveClient(server.target) as client:
                 client.create_collection("bench", {"indexes": ["bm25"], "reranker": reranker})

@@ -52,14 +52,14 @@ class Encoder:
         return [t.float().cpu().numpy() for t in outputs]
 
 
-_LOADING = threading.RLock()  # one for every loader: transformers' lazy imports are not thread-safe either
-
-
 def loaded_once(maxsize: int = 8):
     """Memoise a model loader (like functools.lru_cache) so that concurrent first calls, such as the first
-    requests after a start, wait for one load instead of racing; later calls take no lock."""
+    requests after a start, wait for one load instead of racing; later calls take no lock. Each key has
+    its own lock: a slow or failing load (an unreachable hub name) never holds up another model's."""
     def wrap(load):
         loaded: OrderedDict = OrderedDict()
+        locks: dict = {}
+        guard = threading.Lock()
 
         @functools.wraps(load)
         def cached(*args, **kwargs):
@@ -67,14 +67,25 @@ def loaded_once(maxsize: int = 8):
             found = loaded.get(key)  # one call: atomic, however other threads evict
             if found is not None:
                 return found
-            with _LOADING:
+            with guard:
+                lock = locks.setdefault(key, threading.Lock())
+            with lock:
                 if key not in loaded:
-                    loaded[key] = load(*args, **kwargs)
-                    while len(loaded) > maxsize:
-                        loaded.popitem(last=False)
+                    model = load(*args, **kwargs)
+                    with guard:
+                        loaded[key] = model
+                        while len(loaded) > maxsize:
+                            locks.pop(loaded.popitem(last=False)[0], None)
                 return loaded[key]
         return cached
     return wrap
+
+
+def import_model_libraries() -> None:
+    """Import what model loads use lazily, once, before concurrent loads can race on it (transformers'
+    lazy imports are not thread-safe)."""
+    import sentence_transformers  # noqa: F401
+    from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: F401
 
 
 @loaded_once(maxsize=8)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import InvalidArgument
@@ -62,7 +63,8 @@ class CollectionSettings:
         check(self.rrf_k > 0, "'rrf_k' must be positive")
         for name, weight in self.fusion_weights.items():
             check(name in self.indexes, f"fusion weight for {name!r}, which is not a built index")
-            check(isinstance(weight, (int, float)) and weight >= 0, f"fusion weight of {name!r} must be >= 0")
+            check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+                  and weight >= 0, f"fusion weight of {name!r} must be a finite number >= 0")
         check(16 <= self.max_tokens <= 8192, "'max_tokens' must be within 16..8192")
         check(self.exact_search_max >= 0, "'exact_search_max' must be >= 0")
         check(self.hnsw_m >= 4 and self.hnsw_ef_search >= 1, "'hnsw_m' must be >= 4 and 'hnsw_ef_search' >= 1")
@@ -132,8 +134,8 @@ def _convert(value, default, name):
     if isinstance(default, int) and not isinstance(default, bool):
         return _whole(value)
     if isinstance(default, float) or name in ("prune_threshold", "rerank_margin"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
         return float(value)
     if isinstance(default, dict):
         if not isinstance(value, dict):
@@ -141,11 +143,14 @@ def _convert(value, default, name):
         return dict(value)
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
+    if not value.isprintable():
+        raise ValueError(f"control characters (newlines, tabs) are not allowed: {value!r}")
     return value
 
 
 def _whole(value) -> int:
     """Integers arrive as floats from protobuf Struct; accept 3.0, refuse 2.5."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or float(value) != int(value):
         raise ValueError(f"expected a whole number, got {value!r}")
     return int(value)

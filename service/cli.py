@@ -31,7 +31,7 @@ def _settings(text: str | None) -> dict:
 
 
 def cmd_serve(args) -> int:
-    from .config import ServerConfig
+    from .config import ServerConfig, StartupError
     from .logs import setup_logging
     from .server import serve
 
@@ -40,7 +40,10 @@ def cmd_serve(args) -> int:
     except ValueError as error:
         raise SystemExit(f"sieve serve: {error}")
     setup_logging(config.log_format)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as error:
+        raise SystemExit(f"sieve serve: {error}") from None
     return 0
 
 

@@ -6,6 +6,10 @@ import os
 from dataclasses import dataclass
 
 
+class StartupError(Exception):
+    """A file the server needs at start-up is missing or wrong: `sieve serve` exits 1 with this one line."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     data: str = "./sieve-data"
@@ -41,6 +45,10 @@ class ServerConfig:
     tls_client_ca: str = ""
     log_format: str = "text"
     otel_endpoint: str = ""
+    # Which models a collection may name (encoder, reranker, term_weights): local folders only under these
+    # directories (separated by ':'), Hugging Face hub names only when allowed. The packaged models always.
+    model_roots: str = ""
+    allow_hub_models: bool = False
 
     def __post_init__(self):
         """Refuse settings that would only fail later, or never: a clear message at start-up instead."""
@@ -52,9 +60,9 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("batch_wait_ms", "drain_seconds"):
-            if not getattr(self, name) >= 0:  # also refuses NaN
-                raise ValueError(f"{_variable(name)} must be at least 0, got {getattr(self, name)}")
-        if not self.refresh_seconds > 0:
+            if not 0 <= getattr(self, name) < float("inf"):  # also refuses NaN
+                raise ValueError(f"{_variable(name)} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 < self.refresh_seconds < float("inf"):
             raise ValueError(f"{_variable('refresh_seconds')} must be above 0, got {self.refresh_seconds}")
         if not 1 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"ports must be in 1-65535 (SIEVE_METRICS_PORT: 0 for none), "

@@ -7,6 +7,7 @@ fused first stage on judged queries; the decision and its figures are in Describ
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from sieve.index.errors import InvalidArgument
@@ -22,8 +23,11 @@ def rerank_default(collection) -> tuple[bool, str]:
     if not path.exists():
         return False, ("off: no measured run on this collection; `sieve evaluate` turns reranking on only "
                        "if it beats the fused first stage")
-    figures = json.loads(path.read_text())
-    on = figures["reranked_ndcg@10"] > figures["first_stage_ndcg@10"]
+    try:
+        figures = json.loads(path.read_text())
+        on = figures["reranked_ndcg@10"] > figures["first_stage_ndcg@10"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return False, f"off: {collection.name}/{EVALUATION_FILE} cannot be read ({error}); run `sieve evaluate` again"
     verdict = "beat" if on else "did not beat"
     return on, (f"{'on' if on else 'off'}: the reranker {verdict} the fused first stage on "
                 f"{figures['queries']} judged queries (nDCG@10 {figures['reranked_ndcg@10']:.4f} vs "
@@ -39,6 +43,9 @@ def pruning_options(request_options, settings):
     from sieve.rankers import PruningOptions
 
     checkpoints = tuple(request_options.checkpoints) or tuple(settings.rerank_checkpoints) or None
+    given = [*request_options.margins.values(), *([request_options.margin] if request_options.HasField("margin") else [])]
+    if not all(math.isfinite(value) for value in given):
+        raise InvalidArgument("rerank margins must be finite numbers")
     margin = request_options.margin if request_options.HasField("margin") else settings.rerank_margin
     prune = request_options.prune if request_options.HasField("prune") else True
     margins = dict(request_options.margins) or None

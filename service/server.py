@@ -33,8 +33,9 @@ from sieve.v1 import sieve_pb2 as pb
 
 from . import metrics
 from .batcher import MicroBatcher
-from .config import ServerConfig
+from .config import ServerConfig, StartupError
 from .logs import request_id
+from .models import check_models
 from .reranking import candidate_count, pruning_options, rerank_default
 
 log = logging.getLogger("sieve.service")
@@ -141,8 +142,12 @@ def to_struct(values: dict) -> Struct:
     return struct
 
 
-def from_struct(struct: Struct) -> dict:
-    return json_format.MessageToDict(struct)
+def from_struct(struct: Struct, what: str) -> dict:
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:  # protobuf refuses NaN and infinities, which JSON cannot hold
+        raise InvalidArgument(f"{what} holds NaN or an infinity; send finite numbers, or the value as a "
+                              "string") from None
 
 
 class Sieve:
@@ -166,6 +171,9 @@ class Sieve:
             self.encodings = EncodingCache(self.redis, config.cache_ttl_seconds)
 
     def load(self) -> None:
+        from sieve.index.encoders import import_model_libraries
+
+        import_model_libraries()
         catalog = Catalog(self.config.data, read_only=self.config.read_only)
         for name in catalog.names():
             metrics.record_collection(name, catalog.get(name).stats())
@@ -210,13 +218,9 @@ class Sieve:
         docs = []
         limit = self.config.max_document_chars
         for position, message in enumerate(request.documents):
-            metadata = from_struct(message.metadata)
-            try:
-                stored = json.dumps(metadata, ensure_ascii=False, allow_nan=False)
-            except ValueError:
-                raise InvalidArgument(f"document {position} ({message.id!r}): metadata holds NaN or an infinity; "
-                                      "send finite numbers, or the value as a string") from None
-            size = len(message.text) + len(message.title) + (len(stored) if metadata else 0)
+            metadata = from_struct(message.metadata, f"document {position} ({message.id!r}): metadata")
+            stored = json.dumps(metadata, ensure_ascii=False) if metadata else ""
+            size = len(message.text) + len(message.title) + len(stored)
             if size > limit:
                 raise InvalidArgument(f"document {position} ({message.id!r}) is {size} characters of text, title "
                                       f"and metadata; the limit is {limit}")
@@ -301,6 +305,7 @@ class SearchServicer(Servicer):
         rerank = request.rerank.enabled if request.rerank.HasField("enabled") else rerank_default(collection)[0]
         depth = candidate_count(request.rerank, collection.settings, k, sieve.config.max_rerank_passages) \
             if rerank else k
+        options = pruning_options(request.rerank, collection.settings) if rerank else None  # checked before work
         async with sieve.searches:
             start = time.perf_counter()
             queries = await sieve.encode(collection, names, request.query)
@@ -310,7 +315,6 @@ class SearchServicer(Servicer):
             response = pb.SearchResponse(generation=result.generation)
             if rerank and result.hits:
                 start = time.perf_counter()
-                options = pruning_options(request.rerank, collection.settings)
                 passages = [hit.document.content for hit in result.hits]
                 ranked, survivors = await sieve.rerank(collection.settings.reranker, request.query, passages, k,
                                                        options, first_stage=[hit.score for hit in result.hits])
@@ -418,8 +422,12 @@ class CollectionServicer(Servicer):
 
     @rpc
     async def CreateCollection(self, request, context):
-        settings = CollectionSettings.from_dict(from_struct(request.settings))
-        collection = await asyncio.to_thread(self._catalog().create, request.name, settings)
+        settings = CollectionSettings.from_dict(from_struct(request.settings, "settings"))
+        catalog = self._catalog()
+        if catalog.read_only:  # before any model load
+            raise ReadOnly("this replica is read-only; create collections on the writer")
+        await asyncio.to_thread(check_models, settings, self.sieve.config)
+        collection = await asyncio.to_thread(catalog.create, request.name, settings)
         log.info("created collection %s", request.name)
         return await asyncio.to_thread(self.sieve.info, collection)
 
@@ -487,6 +495,28 @@ def _handlers(service: str, servicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(f"sieve.v1.{service}", handlers)
 
 
+def check_tls_files(config: ServerConfig) -> None:
+    """gRPC reports a bad certificate only as "Failed to bind"; OpenSSL says which file and why."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for variable, path in (("SIEVE_TLS_CERT", config.tls_cert), ("SIEVE_TLS_KEY", config.tls_key),
+                           ("SIEVE_TLS_CLIENT_CA", config.tls_client_ca)):
+        if path and not Path(path).is_file():
+            raise StartupError(f"{variable} {path}: no such file")
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as error:
+        raise StartupError(f"SIEVE_TLS_CERT {config.tls_cert} and SIEVE_TLS_KEY {config.tls_key} are not a "
+                           f"certificate and its private key ({error.reason or error})") from None
+    if config.tls_client_ca:
+        try:
+            context.load_verify_locations(config.tls_client_ca)
+        except ssl.SSLError as error:
+            raise StartupError(f"SIEVE_TLS_CLIENT_CA {config.tls_client_ca}: not a PEM certificate "
+                               f"({error.reason or error})") from None
+
+
 class Server:
     """A running Sieve: gRPC services, health, reflection; NOT_SERVING while loading and draining."""
 
@@ -500,7 +530,12 @@ class Server:
         if config.api_keys_file:
             from .auth import ApiKeyInterceptor, load_keys
 
-            interceptors.append(ApiKeyInterceptor(load_keys(config.api_keys_file)))
+            try:
+                interceptors.append(ApiKeyInterceptor(load_keys(config.api_keys_file)))
+            except OSError as error:
+                raise StartupError(f"SIEVE_API_KEYS_FILE {config.api_keys_file}: {error.strerror}") from None
+            except ValueError as error:  # the message names the file and line
+                raise StartupError(f"SIEVE_API_KEYS_FILE {error}") from None
         self.grpc = grpc.aio.server(options=limits, interceptors=interceptors)
         servicers = {"SearchService": SearchServicer, "IngestService": IngestServicer,
                      "CollectionService": CollectionServicer}
@@ -510,6 +545,7 @@ class Server:
         reflection.enable_server_reflection(names + [reflection.SERVICE_NAME, "grpc.health.v1.Health"], self.grpc)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
+            check_tls_files(config)
             read = lambda path: Path(path).read_bytes()  # noqa: E731
             credentials = grpc.ssl_server_credentials(
                 [(read(config.tls_key), read(config.tls_cert))],

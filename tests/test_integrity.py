@@ -337,3 +337,85 @@ def test_server_answers_resource_exhausted_on_a_full_disk_and_recovers(small_dis
             assert client.describe("c").stats.documents == 14
     finally:
         server.stop()
+
+
+# Inputs and model references ---------------------------------------------------------------------
+def test_bad_inputs_and_model_references_are_invalid_argument(client, tmp_path):
+    import grpc
+    from google.protobuf.struct_pb2 import Struct
+
+    from sieve.v1 import sieve_pb2 as pb
+
+    def refused(call, *match):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        for text in match:
+            assert text in caught.value.details()
+
+    client.create_collection("inputs", {"indexes": ["bm25"]})
+    for settings in ({"bm25_k1": float("nan")}, {"max_tokens": float("inf")}, {"fusion_weights": {"bm25": -float("inf")}}):
+        refused(lambda: client.create_collection("x", {"indexes": ["bm25"], **settings}), "NaN or an infinity")
+    refused(lambda: client.create_collection("trailing\n", {"indexes": ["bm25"]}), "invalid collection name")
+    for setting, value, text in [("encoder", "/etc", "model roots"), ("encoder", "../../../../etc/passwd", "model roots"),
+                                 ("reranker", "/etc/passwd", "model roots"),
+                                 ("encoder", "some-org/some-model", "SIEVE_ALLOW_HUB_MODELS"),
+                                 ("term_weights", "/etc", "model roots")]:
+        refused(lambda: client.create_collection("x", {"indexes": ["dense", "bm25"], setting: value}), text)
+    assert "x" not in [c.name for c in client.list_collections().collections]
+
+    metadata = Struct()
+    metadata.update({"score": float("nan")})
+    request = pb.UpsertRequest(collection="inputs", documents=[pb.Document(id="a", text="t", metadata=metadata)])
+    refused(lambda: list(client.ingest_stub.Upsert(iter([request]))), "NaN or an infinity")
+    big = {"blob": "x" * 100_001}
+    refused(lambda: client.upsert("inputs", [[Document("a", "short text", metadata=big)]]), "metadata", "limit")
+    refused(lambda: client.search("inputs", "q", rerank=pb.RerankOptions(enabled=True, margin=float("nan"))),
+            "finite")
+
+
+def test_search_response_over_the_message_limit_says_what_to_lower(tmp_path):
+    import grpc
+
+    from sieve.service.client import SieveClient
+    from sieve.service.process import ServerProcess
+
+    server = ServerProcess(tmp_path / "data", {"SIEVE_MAX_MESSAGE_BYTES": "300000"}).start()
+    try:
+        with SieveClient(server.target) as client:
+            client.create_collection("c", {"indexes": ["bm25"]})
+            client.upsert("c", [[Document(f"d{i}", "volcano " * 11000)] for i in range(4)])  # 88 kB each
+            with pytest.raises(grpc.RpcError) as caught:
+                client.search("c", "volcano", k=4)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "lower k or set omit_text" in caught.value.details()
+            assert len(client.search("c", "volcano", k=4, omit_text=True).results) == 4
+    finally:
+        server.stop()
+
+
+def serve_exits(tmp_path, env) -> str:
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sieve.service.cli", "serve"], capture_output=True, text=True,
+                          env={**os.environ, "SIEVE_DATA": str(tmp_path / "data"), **env}, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return lines[-1]
+
+
+def test_start_up_problems_exit_1_with_one_line_naming_the_file(tmp_path):
+    import shutil
+
+    from test_operations import make_certificates
+
+    keys = tmp_path / "keys"
+    assert serve_exits(tmp_path, {"SIEVE_API_KEYS_FILE": str(keys)}) == \
+        f"sieve serve: SIEVE_API_KEYS_FILE {keys}: No such file or directory"
+    keys.write_text("short read\n")
+    assert f"SIEVE_API_KEYS_FILE {keys}:1: expected" in serve_exits(tmp_path, {"SIEVE_API_KEYS_FILE": str(keys)})
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    certs = make_certificates(tmp_path)
+    line = serve_exits(tmp_path, {"SIEVE_TLS_CERT": str(certs["client.pem"]), "SIEVE_TLS_KEY": str(certs["server.key"])})
+    assert line.startswith(f"sieve serve: SIEVE_TLS_CERT {certs['client.pem']} and SIEVE_TLS_KEY") and "private key" in line

@@ -197,3 +197,30 @@ def test_concurrent_first_loads_share_one_load():
     assert calls == ["a"] and all(m is models[0] for m in models)
     load("b"), load("c")  # past maxsize the oldest is dropped and loads again when asked
     assert load("a") is not models[0] and calls == ["a", "b", "c", "a"]
+
+
+def test_a_slow_or_failing_load_does_not_hold_up_another_model():
+    import threading
+    import time
+
+    from sieve.index.encoders import loaded_once
+
+    release = threading.Event()
+
+    @loaded_once(maxsize=4)
+    def load(name):
+        if name == "unreachable-hub-name":
+            release.wait(10)  # as a hub download that hangs
+            raise OSError("cannot reach the hub")
+        return name
+
+    slow = threading.Thread(target=lambda: pytest.raises(OSError, load, "unreachable-hub-name"))
+    slow.start()
+    time.sleep(0.1)
+    started = time.perf_counter()
+    assert load("local-model") == "local-model"
+    assert time.perf_counter() - started < 1 and slow.is_alive()
+    release.set()
+    slow.join()
+    with pytest.raises(OSError):  # a failed load is not cached
+        release.set() or load("unreachable-hub-name")
