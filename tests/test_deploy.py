@@ -212,7 +212,7 @@ def test_alert_rules_cover_the_operating_risks():
     alerts = {rule["alert"]: rule for rule in alert_rules() if "alert" in rule}
     assert {"SieveDown", "SieveWriters", "SieveHighErrorRatio", "SieveHighLatencyP99", "SieveIngestLagGrowing",
             "SieveIngestOldestPendingTooOld", "SieveCacheUnavailable", "SieveNotReady",
-            "SieveMemoryNearLimit"} <= set(alerts)
+            "SieveMemoryNearLimit", "SieveCollectionDegraded", "SieveHousekeepingFailing"} <= set(alerts)
     assert all(rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
                for rule in alerts.values())
     (limit,) = [rule["expr"] for rule in alert_rules() if rule.get("record") == "sieve:memory_limit_bytes"]
