@@ -7,6 +7,13 @@ bytes, bytes per vector, nDCG@10, R@100, search latency p50 (queries pre-encoded
 pool factor 1 with the same compression.
 
     nice -n 10 python bench/multivector.py            # SciFact grid, then factor 1 vs 4 elsewhere
+    python bench/multivector.py --speed               # the index against exact brute force, paired per query
+
+--speed (bench/results/multivector_speed.*): SciFact at pool factors 2 and 4, k = 10 and 100, one query
+at a time; for each search setting, per query, Sieve's search time over exact brute-force MaxSim in
+torch (fp32, in memory, the same pooled vectors), top-10 agreement with it, nDCG@10 of both, documents
+rescored and scored exactly; and the fused first stage (BM25 + dense [+ MaxSim], queries pre-encoded)
+with and without MaxSim.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sieve.index.beir import DATASETS, cache_dir, load_judged_queries
 from sieve.index.documents import Document, read_jsonl
-from sieve.index.multivector import MultiVectorRetriever, TokenBatch
+from sieve.index.multivector import MultiVectorRetriever, SearchParams, TokenBatch
 from sieve.index.settings import CollectionSettings
 
 RESULTS = Path(__file__).parent / "results"
@@ -116,6 +123,167 @@ def evaluate(dataset: str, factors: list[int], compressions: list[str], cache: P
     return rows
 
 
+SPEED_GRID = {  # name -> multi-vector search overrides; "default" is the shipped settings
+    "default": {},
+    "nprobe 4": {"nprobe": 4},
+    "nprobe 16": {"nprobe": 16},
+    "threshold 0.5": {"centroid_threshold": 0.5},
+    "exact 32": {"exact_candidates": 32},
+    "exact 128, candidates 512": {"exact_candidates": 128, "candidates": 512},
+}
+
+
+def brute_force(vectors: torch.Tensor, lengths: torch.Tensor, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact MaxSim over every document, as a user without an index would: one matmul, a segmented max."""
+    similarities = vectors @ torch.from_numpy(query).T  # (stored vectors, query tokens)
+    scores = torch.segment_reduce(similarities, "max", lengths=lengths, axis=0).sum(1)
+    best = torch.topk(scores, k)
+    return best.indices.numpy(), best.values.numpy()
+
+
+def speed(dataset: str, factors: list[int], compressions: list[str], cache: Path, scratch: Path) -> tuple[list, list]:
+    from sieve.index.multivector import prune_and_gather
+
+    folder = DATASETS / dataset
+    corpus = [d for d in read_jsonl(folder / "corpus.jsonl") if isinstance(d, Document)]
+    judged, qrels = load_judged_queries(folder)
+    qids = list(judged)
+    doc_ids = [d.id for d in corpus]
+    base = MultiVectorRetriever(CollectionSettings())
+    tag = f"{dataset}-minilm-{base.settings.max_tokens}"
+    tokens = cached_tokens(cache / f"{tag}-corpus.npz", [d.content for d in corpus], base, f"{dataset} corpus")
+    query_vectors = cached_tokens(cache / f"{tag}-queries.npz", [judged[q] for q in qids], base, "queries")
+    rows, fused_rows = [], []
+    for factor in factors:
+        batch = cached_pooled(cache / f"{tag}-pool{factor}.npz", tokens,
+                              MultiVectorRetriever(CollectionSettings(indexes=("multivector",), pool_factor=factor)))
+        vectors, lengths = torch.from_numpy(batch.vectors), torch.from_numpy(batch.lengths)
+        for k in (10, 100):
+            exact_runs, exact_top, exact_seconds = {}, {}, []
+            for qid, query in zip(qids, query_vectors):
+                started = time.perf_counter()
+                rows_, scores = brute_force(vectors, lengths, query, k)
+                exact_seconds.append(time.perf_counter() - started)
+                exact_runs[qid] = {doc_ids[r]: float(s) for r, s in zip(rows_, scores)}
+                exact_top[qid] = set(rows_[:10].tolist())
+            exact_ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, exact_runs)[nDCG @ 10]
+            for compression in compressions:
+                settings = CollectionSettings(indexes=("multivector",), pool_factor=factor, compression=compression)
+                retriever = MultiVectorRetriever(settings)
+                directory = Path(tempfile.mkdtemp(dir=scratch))
+                retriever.write(directory, batch)
+                part = retriever.open(directory)
+                gone = [np.zeros(0, "int64")]
+                for name, overrides in SPEED_GRID.items():
+                    knobs = SearchParams.of(settings, overrides)
+                    run, ratios, seconds, agreement, gathered = {}, [], [], [], []
+                    for qid, query, brute_s in zip(qids, query_vectors, exact_seconds):
+                        started = time.perf_counter()
+                        hits = retriever.search([part], gone, query, k, overrides)
+                        seconds.append(time.perf_counter() - started)
+                        ratios.append(seconds[-1] / brute_s)
+                        run[qid] = {doc_ids[h.row]: h.score for h in hits}
+                        agreement.append(len({h.row for h in hits[:10]} & exact_top[qid]) / 10)
+                        gathered.append(len(prune_and_gather(part, query @ part.centroids.T, knobs.nprobe,
+                                                             knobs.centroid_threshold)[0]))
+                    ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10]
+                    rows.append({
+                        "dataset": dataset, "pool_factor": factor, "k": k, "compression": compression,
+                        "setting": name, "params": vars(knobs), "vectors": part.vectors,
+                        "bytes_per_vector": part.code_bytes(),
+                        "p50_ms": 1000 * float(np.median(seconds)), "exact_p50_ms": 1000 * float(np.median(exact_seconds)),
+                        "p50_ratio_to_exact": float(np.median(ratios)),
+                        "top10_agreement": float(np.mean(agreement)), "ndcg@10": ndcg, "exact_ndcg@10": exact_ndcg,
+                        "ndcg_ratio_to_exact": ndcg / exact_ndcg,
+                        "candidates_gathered_p50": float(np.median(gathered)),
+                        "candidates_rescored": min(max(knobs.candidates, knobs.exact_candidates, k), len(corpus)),
+                        "scored_exactly": min(max(knobs.exact_candidates, k), len(corpus)),
+                        "documents": len(corpus),
+                    })
+                    print(json.dumps(rows[-1]), flush=True)
+                del part
+                shutil.rmtree(directory)
+        fused_rows.append(fused_cost(dataset, corpus, judged, qids, query_vectors, batch, factor, scratch))
+    return rows, fused_rows
+
+
+def fused_cost(dataset, corpus, judged, qids, query_vectors, batch: TokenBatch, factor: int, scratch: Path) -> dict:
+    """RRF(BM25, dense) against RRF(BM25, dense, MaxSim) through Collection.search, queries pre-encoded.
+    The dense vectors are the mean of each passage's token vectors (timing only: exact search costs the
+    same for any vectors)."""
+    from sieve.index.collection import Collection, PreparedBatch
+
+    def mean_vector(tokens: np.ndarray) -> np.ndarray:
+        mean = tokens.mean(0)
+        return (mean / np.linalg.norm(mean)).astype("float32")
+
+    dense = np.stack([mean_vector(batch.vectors[a:b]) for a, b in zip(batch.offsets[:-1], batch.offsets[1:])])
+    collection = Collection.create(Path(tempfile.mkdtemp(dir=scratch)) / dataset, CollectionSettings(
+        indexes=("dense", "bm25", "multivector"), pool_factor=factor))
+    lexical = collection.retrievers["bm25"]
+    collection.commit(PreparedBatch(corpus, len(corpus), {
+        "dense": dense, "bm25": lexical.encode_documents(corpus), "multivector": batch}, None))
+    timings = {"without": [], "with": []}
+    for qid, query in zip(qids, query_vectors):
+        encoded = {"bm25": collection.encode_queries("bm25", [judged[qid]])[0], "dense": mean_vector(query),
+                   "multivector": query}
+        for label, names in (("without", ("bm25", "dense")), ("with", ("bm25", "dense", "multivector"))):
+            started = time.perf_counter()
+            collection.search({n: encoded[n] for n in names}, 10)
+            timings[label].append(time.perf_counter() - started)
+    shutil.rmtree(collection.directory.parent)
+    without, with_ = (1000 * float(np.median(timings[label])) for label in ("without", "with"))
+    return {"dataset": dataset, "pool_factor": factor, "fused_p50_ms_without_maxsim": without,
+            "fused_p50_ms_with_maxsim": with_, "ratio": with_ / without,
+            "paired_median_ratio": float(np.median(np.array(timings["with"]) / np.array(timings["without"])))}
+
+
+def speed_markdown(rows: list[dict], fused: list[dict]) -> str:
+    lines = [
+        "| pool factor | k | compression | setting | p50 ms | exact p50 ms | p50 ratio to exact (paired) "
+        "| top-10 = exact | nDCG@10 | vs exact | gathered | rescored | scored exactly | bytes/vector |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['pool_factor']} | {r['k']} | {r['compression']} | {r['setting']} | {r['p50_ms']:.1f} "
+            f"| {r['exact_p50_ms']:.1f} | {r['p50_ratio_to_exact']:.3f} | {r['top10_agreement']:.3f} "
+            f"| {r['ndcg@10']:.3f} | {r['ndcg_ratio_to_exact']:.3f} | {r['candidates_gathered_p50']:.0f} "
+            f"| {r['candidates_rescored']} | {r['scored_exactly']} | {r['bytes_per_vector']} |")
+    lines += ["", "| pool factor | fused p50 ms, BM25 + dense | with MaxSim | ratio (p50s) | paired median ratio |",
+              "|---|---|---|---|---|"]
+    for f in fused:
+        lines.append(f"| {f['pool_factor']} | {f['fused_p50_ms_without_maxsim']:.1f} | {f['fused_p50_ms_with_maxsim']:.1f} "
+                     f"| {f['ratio']:.2f} | {f['paired_median_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def speed_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["pool_factor"], r["k"]) for r in rows))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for axis, (factor, k) in zip(axes[0], panels):
+        for compression in dict.fromkeys(r["compression"] for r in rows):
+            points = [r for r in rows if (r["pool_factor"], r["k"], r["compression"]) == (factor, k, compression)]
+            axis.plot([r["p50_ms"] for r in points], [r["ndcg@10"] for r in points], "o", label=compression)
+            for r in points:
+                axis.annotate(r["setting"], (r["p50_ms"], r["ndcg@10"]), fontsize=7, textcoords="offset points",
+                              xytext=(3, 3))
+        exact = next(r for r in rows if (r["pool_factor"], r["k"]) == (factor, k))
+        axis.plot([exact["exact_p50_ms"]], [exact["exact_ndcg@10"]], "k*", markersize=10, label="exact brute force")
+        axis.set_xscale("log")
+        axis.set_xlabel("p50 ms per query (log)")
+        axis.set_ylabel("nDCG@10")
+        axis.set_title(f"SciFact, pool factor {factor}, k={k}")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| dataset | pool factor | compression | stored vectors | vs factor 1 | bytes/vector | index MB "
@@ -164,6 +332,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=cache_dir("mv"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "multivector")
+    parser.add_argument("--speed", action="store_true", help="the index against exact brute force instead")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -173,6 +342,14 @@ def main() -> None:
     scratch = args.cache / "scratch"
     scratch.mkdir(exist_ok=True)
     compressions = args.compressions.split(",")
+    if args.speed:
+        rows, fused = speed(args.grid_dataset, [2, 4], compressions, args.cache, scratch)
+        out = RESULTS / "multivector_speed"
+        out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rows": rows, "fused": fused}, indent=2))
+        out.with_suffix(".md").write_text(speed_markdown(rows, fused))
+        speed_plot(rows, out.with_suffix(".png"))
+        print(speed_markdown(rows, fused))
+        return
     plan = [(args.grid_dataset, [int(f) for f in args.factors.split(",")])]
     plan += [(dataset, [1, 4]) for dataset in args.others.split(",") if dataset]
 
@@ -180,7 +357,7 @@ def main() -> None:
     for dataset, factors in plan:
         rows += evaluate(dataset, factors, compressions, args.cache, scratch)
         settings = {"encoder": "all-MiniLM-L6-v2 (packaged)", "max_tokens": 256, "protected_tokens": 1,
-                    "nprobe": MultiVectorRetriever.nprobe, "exact_candidates": MultiVectorRetriever.exact_candidates,
+                    "search": vars(SearchParams.of(CollectionSettings())),
                     "k": 100, "threads": args.threads}
         args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
         args.out.with_suffix(".md").write_text(markdown(rows))

@@ -527,8 +527,10 @@ class Collection:
     def encode_queries(self, name: str, texts: list[str]) -> list[Any]:
         return self.retrievers[name].encode_queries(texts)
 
-    def search(self, queries: dict[str, Any], k: int, fusion: str = "") -> SearchResult:
-        """Search with encoded queries (retriever name -> representation), fuse, return the top k."""
+    def search(self, queries: dict[str, Any], k: int, fusion: str = "",
+               params: dict[str, dict] | None = None) -> SearchResult:
+        """Search with encoded queries (retriever name -> representation), fuse, return the top k.
+        `params`: per retriever, this search's overrides of its settings."""
         fusion = fusion or self.settings.fusion
         snapshot = self.snapshot
         deleted = snapshot.searchable_deleted()
@@ -538,7 +540,7 @@ class Collection:
         searchable = snapshot.searchable
         for name, query in queries.items():
             start = time.perf_counter()
-            hits = self.retrievers[name].search(snapshot.parts(name), deleted, query, depth)
+            hits = self.retrievers[name].search(snapshot.parts(name), deleted, query, depth, (params or {}).get(name))
             rankings[name] = [((searchable[h.segment], h.row), h.score) for h in hits]
             timings[name] = (time.perf_counter() - start) * 1000
         start = time.perf_counter()

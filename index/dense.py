@@ -64,7 +64,7 @@ class DenseRetriever(Retriever):
     def encode_queries(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.encoder.embed(texts))
 
-    def search(self, parts, deleted, query: np.ndarray, k: int) -> list[Hit]:
+    def search(self, parts, deleted, query: np.ndarray, k: int, params: dict | None = None) -> list[Hit]:
         hits: list[Hit] = []
         query = query.reshape(1, -1).astype("float32")
         for segment, (part, gone) in enumerate(zip(parts, deleted)):

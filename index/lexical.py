@@ -130,7 +130,7 @@ class BM25Retriever(LexicalRetriever):
     def encode_queries(self, texts: list[str]) -> list[dict[str, float]]:
         return [dict(Counter(analyze(text))) for text in texts]
 
-    def search(self, parts, deleted, query: dict[str, float], k: int) -> list[Hit]:
+    def search(self, parts, deleted, query: dict[str, float], k: int, params: dict | None = None) -> list[Hit]:
         if not query or not parts:
             return []
         k1, b = self.settings.bm25_k1, self.settings.bm25_b

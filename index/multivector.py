@@ -12,9 +12,17 @@ The vectors themselves are stored per `compression`:
   residual  faiss product quantisation of the vector minus its centroid (IVF-ADC / PLAID)
 with at most 64 bytes a vector (codes plus the 2-byte centroid id) for pq and residual.
 
-Search, per segment: query tokens probe their nearest centroids -> candidate documents ->
-approximate MaxSim from centroid scores alone -> exact MaxSim over the best candidates' decoded
-vectors. Files are memory-mapped; nothing is held in memory but the centroids.
+Search, per segment, as PLAID does, without a pass over all vectors:
+  1. a query-by-centroid score table (query tokens x centroids);
+  2. centroid pruning: each query token keeps its `nprobe` best centroids, and of those the ones
+     scoring at least `centroid_threshold` (its best always);
+  3. candidate generation from the inverted lists of the kept centroids only: a document's approximate
+     MaxSim sums, per query token, the best kept centroid it has a vector in (a scatter-max over
+     list entries, a few thousand per query rather than every stored vector);
+  4. the best `candidates` documents are rescored by full centroid interaction (every vector
+     replaced by its centroid, from the table);
+  5. the best `exact_candidates` of those are decoded and scored by exact MaxSim.
+Files are memory-mapped; nothing is held in memory but the centroids.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from .encoders import load_encoder
 from .errors import CorruptIndex, InvalidArgument
 from .pooling import normalize, pool_documents
 from .retriever import Hit, Retriever, dir_bytes, top_hits
+from .settings import CollectionSettings
 
 PREFIX = "mv."
 MAX_CODE_BYTES = 64  # per stored vector, centroid id included
@@ -128,10 +137,32 @@ class MultiVectorPart:
         return self.payload.shape[1] * self.payload.itemsize + self.centroid_ids.itemsize
 
 
+@dataclass(frozen=True)
+class SearchParams:
+    """The knobs of one multi-vector search: the collection's settings, overridden per request."""
+
+    nprobe: int
+    centroid_threshold: float | None
+    candidates: int
+    exact_candidates: int
+
+    @classmethod
+    def of(cls, settings: CollectionSettings, overrides: dict | None = None) -> "SearchParams":
+        values = {"nprobe": settings.nprobe, "centroid_threshold": settings.centroid_threshold,
+                  "candidates": settings.candidates, "exact_candidates": settings.exact_candidates}
+        values.update({name: value for name, value in (overrides or {}).items() if value is not None})
+        params = cls(**values)
+        for name in ("nprobe", "candidates", "exact_candidates"):
+            if not isinstance(getattr(params, name), int) or getattr(params, name) < 1:
+                raise InvalidArgument(f"multi-vector {name} must be a whole number >= 1, not {getattr(params, name)!r}")
+        threshold = params.centroid_threshold
+        if threshold is not None and not -1 <= threshold <= 1:
+            raise InvalidArgument(f"multi-vector centroid_threshold is a cosine within [-1, 1], not {threshold!r}")
+        return params
+
+
 class MultiVectorRetriever(Retriever):
     name = "multivector"
-    nprobe = 4  # centroids probed per query token
-    exact_candidates = 256  # documents scored exactly per segment (at least 4 * k)
 
     @property
     def encoder(self):
@@ -212,7 +243,8 @@ class MultiVectorRetriever(Retriever):
     def encode_queries(self, texts: list[str]) -> list[np.ndarray]:
         return self.token_vectors(texts)  # queries are never pooled
 
-    def search(self, parts, deleted, query: np.ndarray, k: int) -> list[Hit]:
+    def search(self, parts, deleted, query: np.ndarray, k: int, params: dict | None = None) -> list[Hit]:
+        knobs = SearchParams.of(self.settings, params)
         query = np.asarray(query, "float32")
         if query.ndim != 2 or len(query) == 0:
             raise InvalidArgument(f"a multi-vector query is a (tokens, dimension) array, got shape {query.shape}")
@@ -223,27 +255,29 @@ class MultiVectorRetriever(Retriever):
             if query.shape[1] != part.centroids.shape[1]:
                 raise InvalidArgument(
                     f"query vectors have dimension {query.shape[1]}, the index {part.centroids.shape[1]}")
-            docs, scores = self._search_part(part, gone, query, k)
+            docs, scores = self._search_part(part, gone, query, k, knobs)
             hits.extend(Hit(segment, int(d), float(s)) for d, s in zip(docs, scores))
         return top_hits(hits, k)
 
-    def _search_part(self, part: MultiVectorPart, gone: np.ndarray, query: np.ndarray, k: int):
-        centroid_scores = query @ part.centroids.T  # (query tokens, centroids)
-        probe = min(self.nprobe, len(part.centroids))
-        probed = np.unique(np.argpartition(-centroid_scores, probe - 1, axis=1)[:, :probe])
-        starts, ends = part.list_offsets[probed], part.list_offsets[probed + 1]
-        candidates = np.unique(np.asarray(part.list_docs[ranges(starts, ends - starts)]))
-        candidates = np.setdiff1d(candidates, gone, assume_unique=True)
+    def _search_part(self, part: MultiVectorPart, gone: np.ndarray, query: np.ndarray, k: int,
+                     knobs: SearchParams):
+        table = query @ part.centroids.T  # (query tokens, centroids)
+        candidates, approximate = prune_and_gather(part, table, knobs.nprobe, knobs.centroid_threshold)
+        if len(gone):
+            live = ~np.isin(candidates, gone, assume_unique=True)
+            candidates, approximate = candidates[live], approximate[live]
+        exact = max(knobs.exact_candidates, k)
+        for keep, score in ((max(knobs.candidates, exact), None), (exact, "centroid interaction")):
+            if len(candidates) > keep:
+                if score:  # every vector of the remaining candidates, replaced by its centroid
+                    lengths = part.offsets[candidates + 1] - part.offsets[candidates]
+                    ids = np.asarray(part.centroid_ids[ranges(part.offsets[candidates], lengths)], "int64")
+                    approximate = maxsim_from_table(table, ids, lengths)
+                best = np.sort(np.argpartition(-approximate, keep - 1)[:keep])
+                candidates, approximate = candidates[best], approximate[best]
         if len(candidates) == 0:
             return candidates, np.zeros(0, "float32")
         lengths = part.offsets[candidates + 1] - part.offsets[candidates]
-        keep = max(self.exact_candidates, 4 * k)
-        if len(candidates) > keep:
-            # PLAID's centroid interaction: MaxSim with each vector replaced by its centroid.
-            ids = np.asarray(part.centroid_ids[ranges(part.offsets[candidates], lengths)], "int64")
-            approximate = maxsim_from_table(centroid_scores, ids, lengths)
-            best = np.sort(np.argpartition(-approximate, keep - 1)[:keep])
-            candidates, lengths = candidates[best], lengths[best]
         vectors = part.decode(ranges(part.offsets[candidates], lengths))
         scores = maxsim(query, vectors, lengths)
         order = np.argsort(-scores)[:k]
@@ -266,6 +300,24 @@ class MultiVectorRetriever(Retriever):
             "index_bytes": int(index_bytes),
             "index_bytes_per_vector": index_bytes / stored if stored else None,
         }
+
+
+def prune_and_gather(part: MultiVectorPart, table: np.ndarray, nprobe: int,
+                     threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(documents, approximate MaxSim) from the inverted lists of each query token's kept centroids."""
+    tokens, count = table.shape
+    probe = min(nprobe, count)
+    top = np.argpartition(-table, probe - 1, axis=1)[:, :probe]  # (tokens, probe) centroid ids
+    values = np.take_along_axis(table, top, axis=1)
+    kept = np.ones_like(values, dtype=bool) if threshold is None else values >= threshold
+    kept[np.arange(tokens), values.argmax(axis=1)] = True  # every query token keeps its best centroid
+    token_of, centroid, value = np.nonzero(kept)[0], top[kept], values[kept]
+    starts, lengths = part.list_offsets[centroid], part.list_offsets[centroid + 1] - part.list_offsets[centroid]
+    documents = np.asarray(part.list_docs[ranges(starts, lengths)])
+    candidates, column = np.unique(documents, return_inverse=True)
+    best = np.zeros((tokens, len(candidates)), "float32")  # a token with no kept centroid adds nothing
+    np.maximum.at(best, (np.repeat(token_of, lengths), column), np.repeat(value, lengths))
+    return candidates.astype("int64"), best.sum(axis=0)
 
 
 def maxsim_from_table(table: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:

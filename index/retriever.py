@@ -57,8 +57,9 @@ class Retriever(ABC):
         """One query representation per text; the service batches concurrent queries here."""
 
     @abstractmethod
-    def search(self, parts: list[Any], deleted: list[np.ndarray], query: Any, k: int) -> list[Hit]:
-        """Best k live rows over all parts; deleted[i] holds the deleted rows of parts[i]."""
+    def search(self, parts: list[Any], deleted: list[np.ndarray], query: Any, k: int, params: dict | None = None) -> list[Hit]:
+        """Best k live rows over all parts; deleted[i] holds the deleted rows of parts[i]. `params`: this
+        search's overrides of the retriever's settings (the multi-vector knobs)."""
 
     def stats(self, parts: list[Any], live_rows: int) -> dict:
         """Figures for DescribeCollection (vectors, bytes, ...)."""

@@ -37,6 +37,12 @@ class CollectionSettings:
     pool_factor: int = 2
     protected_tokens: int = 1
     compression: str = "residual"
+    # Multi-vector search (PLAID-like; per-request overrides): centroids kept per query token, the lowest
+    # centroid score kept, documents rescored by centroid interaction, documents scored exactly.
+    nprobe: int = 8
+    centroid_threshold: float | None = None
+    candidates: int = 256
+    exact_candidates: int = 64
     # Passage-quality pruning, before encoding.
     quality_estimator: str = "none"
     prune_ratio: float = 0.0
@@ -71,6 +77,10 @@ class CollectionSettings:
         check(self.bm25_k1 >= 0 and 0 <= self.bm25_b <= 1, "'bm25_k1' must be >= 0 and 'bm25_b' within [0, 1]")
         check(self.pool_factor >= 1, f"'pool_factor' must be >= 1 (1 turns pooling off), not {self.pool_factor}")
         check(self.protected_tokens >= 0, "'protected_tokens' must be >= 0")
+        check(self.nprobe >= 1 and self.candidates >= 1 and self.exact_candidates >= 1,
+              "'nprobe', 'candidates' and 'exact_candidates' must be >= 1")
+        check(self.centroid_threshold is None or -1 <= self.centroid_threshold <= 1,
+              "'centroid_threshold' is a cosine within [-1, 1] (null: off)")
         check(self.compression in COMPRESSIONS, f"unknown compression {self.compression!r}; choose from {', '.join(COMPRESSIONS)}")
         check(
             self.quality_estimator in QUALITY_ESTIMATORS,
@@ -117,7 +127,7 @@ def _plain(value):
 
 def _convert(value, default, name):
     if value is None:
-        if default is None or name in ("rerank", "prune_threshold", "rerank_margin"):
+        if default is None or name in ("rerank", "prune_threshold", "rerank_margin", "centroid_threshold"):
             return None
         raise ValueError("must not be null")
     if isinstance(default, bool) or name == "rerank":
@@ -133,7 +143,7 @@ def _convert(value, default, name):
         return tuple(_whole(v) if item_type is int else str(v) for v in value)
     if isinstance(default, int) and not isinstance(default, bool):
         return _whole(value)
-    if isinstance(default, float) or name in ("prune_threshold", "rerank_margin"):
+    if isinstance(default, float) or name in ("prune_threshold", "rerank_margin", "centroid_threshold"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"expected a finite number, got {value!r}")
         return float(value)

@@ -136,6 +136,11 @@ def rpc(method):
     return unary
 
 
+def multivector_options(options: pb.MultiVectorOptions) -> dict:
+    """The fields a request set; the retriever validates them against its settings."""
+    return {field.name: value for field, value in options.ListFields()}
+
+
 def to_struct(values: dict) -> Struct:
     struct = Struct()
     struct.update(values)
@@ -310,7 +315,8 @@ class SearchServicer(Servicer):
             start = time.perf_counter()
             queries = await sieve.encode(collection, names, request.query)
             encode_ms = (time.perf_counter() - start) * 1000
-            result = await asyncio.to_thread(collection.search, queries, depth, request.fusion)
+            result = await asyncio.to_thread(collection.search, queries, depth, request.fusion,
+                                             {"multivector": multivector_options(request.multivector)})
             timings = {"encode": encode_ms, **result.timings_ms}
             response = pb.SearchResponse(generation=result.generation)
             if rerank and result.hits:
@@ -536,7 +542,8 @@ class Server:
                 raise StartupError(f"SIEVE_API_KEYS_FILE {config.api_keys_file}: {error.strerror}") from None
             except ValueError as error:  # the message names the file and line
                 raise StartupError(f"SIEVE_API_KEYS_FILE {error}") from None
-        self.grpc = grpc.aio.server(options=limits, interceptors=interceptors)
+        # no port reuse: a second server on a used port must fail, not share the port with the first
+        self.grpc = grpc.aio.server(options=[*limits, ("grpc.so_reuseport", 0)], interceptors=interceptors)
         servicers = {"SearchService": SearchServicer, "IngestService": IngestServicer,
                      "CollectionService": CollectionServicer}
         self.grpc.add_generic_rpc_handlers([_handlers(name, cls(self.sieve)) for name, cls in servicers.items()])

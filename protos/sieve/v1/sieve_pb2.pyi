@@ -43,7 +43,7 @@ class RerankOptions(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., candidates: _Optional[int] = ..., checkpoints: _Optional[_Iterable[int]] = ..., margin: _Optional[float] = ..., prune: _Optional[bool] = ..., margins: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "query", "k", "retrievers", "fusion", "rerank", "omit_text")
+    __slots__ = ("collection", "query", "k", "retrievers", "fusion", "rerank", "omit_text", "multivector")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class SearchRequest(_message.Message):
     FUSION_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     OMIT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    MULTIVECTOR_FIELD_NUMBER: _ClassVar[int]
     collection: str
     query: str
     k: int
@@ -58,7 +59,20 @@ class SearchRequest(_message.Message):
     fusion: str
     rerank: RerankOptions
     omit_text: bool
-    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., omit_text: _Optional[bool] = ...) -> None: ...
+    multivector: MultiVectorOptions
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., omit_text: _Optional[bool] = ..., multivector: _Optional[_Union[MultiVectorOptions, _Mapping]] = ...) -> None: ...
+
+class MultiVectorOptions(_message.Message):
+    __slots__ = ("nprobe", "centroid_threshold", "candidates", "exact_candidates")
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    CENTROID_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    EXACT_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    nprobe: int
+    centroid_threshold: float
+    candidates: int
+    exact_candidates: int
+    def __init__(self, nprobe: _Optional[int] = ..., centroid_threshold: _Optional[float] = ..., candidates: _Optional[int] = ..., exact_candidates: _Optional[int] = ...) -> None: ...
 
 class ScoredDocument(_message.Message):
     __slots__ = ("id", "score", "title", "text", "metadata")
