@@ -34,6 +34,7 @@ def cmd_serve(args) -> int:
     from .config import ServerConfig, StartupError
     from .logs import setup_logging
     from .server import serve
+    from .startup import check_port_free, writer_lock
 
     try:
         config = ServerConfig.from_env(data=args.data, host=args.host, port=args.port, metrics_port=args.metrics_port)
@@ -41,30 +42,38 @@ def cmd_serve(args) -> int:
         raise SystemExit(f"sieve serve: {error}")
     setup_logging(config.log_format)
     try:
-        asyncio.run(serve(config))
+        with writer_lock(config):  # held until the server has drained
+            check_port_free(config.host, config.port, "SIEVE_PORT")
+            check_port_free(config.host, config.metrics_port, "SIEVE_METRICS_PORT")
+            asyncio.run(serve(config))
     except StartupError as error:
         raise SystemExit(f"sieve serve: {error}") from None
     return 0
 
 
 def _batches(path: Path, size: int, problems: list):
-    """Batches of valid documents; a repeated id starts a new batch so the later line wins."""
+    """Batches of valid documents, each with the number of lines read up to its end (skipped ones too);
+    a repeated id starts a new batch so the later line wins."""
     from sieve.index.documents import BadLine, read_jsonl
 
     batch: dict[str, object] = {}
+    lines = 0
     for item in read_jsonl(path):
         if isinstance(item, BadLine):
             problems.append(str(item))
-            continue
-        if item.id in batch or len(batch) >= size:
-            yield list(batch.values())
-            batch = {}
-        batch[item.id] = item
+        else:
+            if item.id in batch or len(batch) >= size:
+                yield list(batch.values()), lines
+                batch = {}
+            batch[item.id] = item
+        lines += 1
     if batch:
-        yield list(batch.values())
+        yield list(batch.values()), lines
 
 
 def cmd_ingest(args) -> int:
+    from collections import deque
+
     import grpc
     from tqdm import tqdm
 
@@ -80,35 +89,48 @@ def cmd_ingest(args) -> int:
     problems: list[str] = []
     upserted = pruned = 0
     with _client(args) as client:
+        if not args.queue and args.collection not in {c.name for c in client.list_collections().collections}:
+            client.create_collection(args.collection, _settings(args.settings))
+            print(f"created collection {args.collection!r}", file=sys.stderr)
+        # The bar counts lines read, so that skipped lines move it too and it ends at 100%.
+        bar = tqdm(total=total_lines, unit="line", desc=f"{'queue' if args.queue else 'ingest'} {path.name}")
+
+        def show(lines_read: int, **counts) -> None:
+            bar.set_postfix(**counts, skipped=len(problems), refresh=False)
+            bar.update(lines_read - bar.n)
+
         if args.queue:
             from .queue import publish
 
-            published = publish(args.queue, args.collection, _batches(path, args.batch_size, problems),
-                                progress=tqdm(total=total_lines, unit="doc", desc=f"queue {path.name}"))
-            print(f"queued {published} documents from {path} for collection {args.collection!r}")
-        else:
-            names = {c.name for c in client.list_collections().collections}
-            if args.collection not in names:
-                client.create_collection(args.collection, _settings(args.settings))
-                print(f"created collection {args.collection!r}", file=sys.stderr)
-            sizes: list[int] = []
+            def published_batches():
+                for batch, lines_read in _batches(path, args.batch_size, problems):
+                    yield batch
+                    show(lines_read)  # publish asks for the next batch once this one is on the stream
 
-            def counted():
-                for batch in _batches(path, args.batch_size, problems):
-                    sizes.append(len(batch))
+            published = publish(args.queue, args.collection, published_batches())
+            show(total_lines)
+            bar.close()
+            print(f"queued {published} documents from {path} for collection {args.collection!r}, "
+                  f"skipped {len(problems)} malformed lines")
+        else:
+            lines_sent: deque[int] = deque()  # lines read up to the end of each batch sent, in order
+
+            def sent_batches():
+                for batch, lines_read in _batches(path, args.batch_size, problems):
+                    lines_sent.append(lines_read)
                     yield batch
 
-            bar = tqdm(total=total_lines, unit="doc", desc=f"ingest {path.name}")
             try:
-                for ack in client.upsert_stream(args.collection, counted()):
+                for ack in client.upsert_stream(args.collection, sent_batches()):
                     upserted += ack.upserted
                     pruned += ack.pruned
-                    bar.update(ack.upserted + ack.pruned)
+                    show(lines_sent.popleft(), ingested=upserted, pruned=pruned)
             except grpc.RpcError as error:
                 bar.close()
                 print(f"error: the server refused a batch ({error.code().name}): {error.details()}; "
                       f"{upserted + pruned} documents were committed before it", file=sys.stderr)
                 return 1
+            show(total_lines, ingested=upserted, pruned=pruned)  # lines after the last batch were all skipped
             bar.close()
             print(f"ingested {upserted} documents into {args.collection!r}, pruned {pruned} by quality, "
                   f"skipped {len(problems)} malformed lines")
@@ -120,9 +142,11 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from .client import search_options
+
+    options = search_options(args.retrievers.split(",") if args.retrievers else [], args.fusion or "", args.rerank)
     with _client(args) as client:
-        fields = {"retrievers": args.retrievers.split(",") if args.retrievers else [], "fusion": args.fusion or ""}
-        response = client.search(args.collection, args.query, k=args.k, **fields)
+        response = client.search(args.collection, args.query, k=args.k, **options)
     if args.json:
         from google.protobuf import json_format
 
@@ -134,13 +158,58 @@ def cmd_search(args) -> int:
     return 0
 
 
-def cmd_collections(args) -> int:
+def collection_dict(info) -> dict:
+    """A CollectionInfo as plain JSON values; int64 counts stay integers (MessageToDict makes them strings)."""
     from google.protobuf import json_format
 
+    from .client import struct_dict
+
+    stats = {field.name: getattr(info.stats, field.name) for field in info.stats.DESCRIPTOR.fields
+             if field.name != "details"}
+    return {"name": info.name,
+            "health": json_format.MessageToDict(info.health, always_print_fields_with_no_presence=True,
+                                                 preserving_proto_field_name=True),
+            "stats": stats,
+            "details": struct_dict(info.stats.details),
+            "settings": struct_dict(info.settings)}
+
+
+def _rows(values: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested values as (dotted key, text) rows, keys sorted; scalars as JSON writes them, bare strings bare."""
+    rows = []
+    for key, value in sorted(values.items()):
+        if isinstance(value, dict) and value:
+            rows += _rows(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and value:
+            rows.append((prefix + key, ", ".join(map(str, value))))
+        else:
+            rows.append((prefix + key, value if isinstance(value, str) and value else json.dumps(value)))
+    return rows
+
+
+def collection_table(info: dict) -> str:
+    header = [("name", info["name"]), ("state", info["health"]["state"] or "ok"),
+              *((key, str(value)) for key, value in info["stats"].items()),
+              *(("problem", problem) for problem in info["health"]["problems"])]
+    blocks = []
+    for rows in (header, _rows({"details": info["details"]}), _rows({"settings": info["settings"]})):
+        width = max((len(key) for key, _ in rows), default=0)
+        blocks.append("\n".join(f"{key:<{width}}  {text}" for key, text in rows))
+    return "\n\n".join(blocks)
+
+
+def cmd_collections(args) -> int:
     with _client(args) as client:
         if args.action == "list":
-            for info in client.list_collections().collections:
-                print(f"{info.name}\t{info.stats.documents} documents\t{info.stats.bytes_on_disk} bytes")
+            infos = [collection_dict(info) for info in client.list_collections().collections]
+            if args.json:
+                print(json.dumps(infos, indent=2))
+                return 0
+            width = max([len("name"), *(len(info["name"]) for info in infos)])
+            print(f"{'name':<{width}}  {'state':<14}  {'documents':>10}  {'bytes on disk':>14}")
+            for info in infos:
+                print(f"{info['name']:<{width}}  {info['health']['state'] or 'ok':<14}  "
+                      f"{info['stats']['documents']:>10}  {info['stats']['bytes_on_disk']:>14}")
             return 0
         if not args.name:
             raise SystemExit(f"'sieve collections {args.action}' needs a collection name")
@@ -164,7 +233,8 @@ def cmd_collections(args) -> int:
             client.drop(args.name)
             print(f"dropped {args.name!r}")
             return 0
-    print(json_format.MessageToJson(info))
+    described = collection_dict(info)
+    print(json.dumps(described, indent=2) if args.json else collection_table(described))
     return 0
 
 
@@ -240,77 +310,114 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sieve", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help (not "None" or "False", which say nothing); examples kept as written."""
 
-    def client_command(name, help_text):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--server", default=DEFAULT_SERVER, help="host:port of a running server")
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+EXAMPLES = """examples:
+  sieve serve                                             # 127.0.0.1:50051, data in ./sieve-data
+  sieve ingest corpus.jsonl --collection notes            # creates the collection if missing
+  sieve search "nocturnal birds" --collection notes -k 5
+  sieve collections describe notes --json
+"""
+
+
+def _unreachable(error) -> bool:
+    """UNAVAILABLE without the request id every answer of a Sieve server carries: nothing answered."""
+    import grpc
+
+    return error.code() == grpc.StatusCode.UNAVAILABLE and \
+        not any(key == "x-request-id" for key, _ in error.trailing_metadata() or ())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sieve", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help_text):
+        return commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+
+    def client_command(name, help_text, collection=True):
+        sub = command(name, help_text)
+        if collection:
+            sub.add_argument("--collection", required=True, help="collection name")
+        sub.add_argument("--server", default=DEFAULT_SERVER, help="host:port of a running server (SIEVE_SERVER)")
         sub.add_argument("--ca", help="PEM root certificate: connect with TLS")
         sub.add_argument("--cert", help="PEM client certificate (mutual TLS)")
         sub.add_argument("--key", help="PEM client key (mutual TLS)")
         return sub
 
-    serve = commands.add_parser("serve", help="run the gRPC server (settings from SIEVE_* variables)")
-    serve.add_argument("--data", help="data directory (SIEVE_DATA, default ./sieve-data)")
-    serve.add_argument("--host", help="listen address (SIEVE_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="gRPC port (SIEVE_PORT, default 50051)")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus port (SIEVE_METRICS_PORT, default off)")
+    serve = command("serve", "run the gRPC server (further settings from SIEVE_* variables, see deploy/README.md)")
+    serve.add_argument("--data", help="data directory (default: SIEVE_DATA, else ./sieve-data)")
+    serve.add_argument("--host", help="listen address (default: SIEVE_HOST, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gRPC port (default: SIEVE_PORT, else 50051)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (default: SIEVE_METRICS_PORT, else off)")
     serve.set_defaults(run=cmd_serve)
 
     ingest = client_command("ingest", "ingest a JSONL file or a BEIR folder")
-    ingest.add_argument("path")
-    ingest.add_argument("--collection", default="default")
-    ingest.add_argument("--batch-size", type=int, default=64)
-    ingest.add_argument("--settings", help="settings (JSON or a JSON file) if the collection is created")
+    ingest.add_argument("path", help="JSONL file of {_id, title, text, metadata} lines, or a BEIR folder")
+    ingest.add_argument("--batch-size", type=int, default=64, help="documents per batch (each committed atomically)")
+    ingest.add_argument("--settings", help="settings (JSON or a JSON file) if the collection is created "
+                                           "(default: the server's defaults)")
     ingest.add_argument("--queue", help="redis://... : publish to the ingestion stream instead")
     ingest.add_argument("--strict", action="store_true", help="exit 1 if any line was skipped")
     ingest.set_defaults(run=cmd_ingest)
 
     search = client_command("search", "search a collection")
-    search.add_argument("query")
-    search.add_argument("--collection", default="default")
-    search.add_argument("-k", type=int, default=10)
-    search.add_argument("--retrievers", help="comma-separated: dense,bm25,impact,multivector")
-    search.add_argument("--fusion", choices=["rrf", "weighted"])
-    search.add_argument("--json", action="store_true")
+    search.add_argument("query", help="the query text")
+    search.add_argument("-k", type=int, default=10, help="results to return")
+    search.add_argument("--retrievers", help="comma-separated: dense,bm25,impact,multivector "
+                                             "(default: the collection's)")
+    search.add_argument("--fusion", choices=["rrf", "weighted"], help="how retrievers are fused "
+                                                                      "(default: the collection's)")
+    search.add_argument("--rerank", action=argparse.BooleanOptionalAction,
+                        help="rerank with the cross-encoder (default: the collection's)")
+    search.add_argument("--json", action="store_true", help="print the whole response as JSON")
     search.set_defaults(run=cmd_search)
 
-    collections = client_command("collections", "list, create, describe, compact, repair or drop collections")
-    collections.add_argument("action", choices=["list", "create", "describe", "compact", "repair", "drop"])
-    collections.add_argument("name", nargs="?")
-    collections.add_argument("--settings", help="settings for create (JSON or a JSON file)")
+    collections = client_command("collections", "list, create, describe, compact, repair or drop collections",
+                                 collection=False)
+    collections.add_argument("action", choices=["list", "create", "describe", "compact", "repair", "drop"],
+                             help="what to do")
+    collections.add_argument("name", nargs="?", help="collection name (all but list)")
+    collections.add_argument("--settings", help="settings for create (JSON or a JSON file) "
+                                                "(default: the server's defaults)")
+    collections.add_argument("--json", action="store_true", help="print JSON instead of a table")
     collections.set_defaults(run=cmd_collections)
 
     delete = client_command("delete", "delete documents by id")
-    delete.add_argument("ids", nargs="+")
-    delete.add_argument("--collection", default="default")
+    delete.add_argument("ids", nargs="+", help="external document ids")
     delete.set_defaults(run=cmd_delete)
 
     pruned = client_command("pruned", "list passages dropped by quality pruning, or reinstate them")
-    pruned.add_argument("--collection", default="default")
-    pruned.add_argument("--limit", type=int, default=0)
-    pruned.add_argument("--reinstate", nargs="+", metavar="ID")
+    pruned.add_argument("--limit", type=int, default=0, help="passages to list, lowest quality first (0: all)")
+    pruned.add_argument("--reinstate", nargs="+", metavar="ID", help="index these pruned passages after all")
     pruned.set_defaults(run=cmd_pruned)
 
-    train = commands.add_parser("train", help="train a shipped artifact from a BEIR folder's train split")
-    train.add_argument("part", choices=["quality", "term-weights", "reranker"])
+    train = command("train", "train a shipped artifact from a BEIR folder's train split")
+    train.add_argument("part", choices=["quality", "term-weights", "reranker"], help="which artifact")
     train.add_argument("--data", required=True, help="BEIR folder with qrels/train.tsv")
     train.add_argument("--out", required=True, help="output folder for the artifact")
     train.set_defaults(run=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="measure reranking on judged queries; sets the default")
-    evaluate.add_argument("--data", default=os.environ.get("SIEVE_DATA", "./sieve-data"), help="data directory")
-    evaluate.add_argument("--collection", required=True)
+    evaluate = command("evaluate", "measure reranking on judged queries; sets the collection's default")
+    evaluate.add_argument("--data", default=os.environ.get("SIEVE_DATA", "./sieve-data"),
+                          help="data directory (SIEVE_DATA)")
+    evaluate.add_argument("--collection", required=True, help="collection name")
     evaluate.add_argument("--queries", required=True, help="BEIR folder with queries.jsonl and qrels/")
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--candidates", type=int, default=50)
-    evaluate.add_argument("--no-pruning", action="store_true")
+    evaluate.add_argument("--split", default="test", help="qrels split")
+    evaluate.add_argument("--candidates", type=int, default=50, help="first-stage candidates reranked")
+    evaluate.add_argument("--no-pruning", action="store_true", help="run every layer on every candidate")
     evaluate.set_defaults(run=cmd_evaluate)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # faiss logs its CPU-feature probing ("Could not load library with AVX2 support") at every start
+    logging.getLogger("faiss.loader").setLevel(logging.ERROR)
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -318,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # grpc errors: say what the server said, no traceback
         import grpc
 
+        if isinstance(error, grpc.RpcError) and _unreachable(error):
+            print(f"error: no Sieve server answered at {args.server} ({error.details()})\n"
+                  f"hint: start one with `sieve serve` (or `./run serve` in a checkout), "
+                  f"or name a running one with --server HOST:PORT or SIEVE_SERVER", file=sys.stderr)
+            return 1
         if isinstance(error, grpc.RpcError):
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from sieve.index.documents import Document
@@ -15,6 +16,29 @@ def document_message(doc: Document) -> pb.Document:
     metadata = Struct()
     metadata.update(doc.metadata)
     return pb.Document(id=doc.id, title=doc.title, text=doc.text, metadata=metadata)
+
+
+def plain_numbers(value):
+    """protobuf Structs hold every number as a double: 32.0 is the setting 32, 1968.0 the year 1968."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain_numbers(item) for item in value]
+    return value
+
+
+def struct_dict(struct: Struct) -> dict:
+    return plain_numbers(json_format.MessageToDict(struct))
+
+
+def search_options(retrievers: Iterable[str] = (), fusion: str = "", rerank: bool | None = None) -> dict:
+    """SearchRequest fields from plain options; empty or None keeps the collection's default."""
+    fields = {"retrievers": list(retrievers), "fusion": fusion}
+    if rerank is not None:
+        fields["rerank"] = pb.RerankOptions(enabled=rerank)
+    return fields
 
 
 class SieveClient:

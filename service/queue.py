@@ -29,7 +29,7 @@ GROUP = "sieve-indexers"
 CLAIM_IDLE_MS = 30_000  # an entry unacknowledged this long belongs to a consumer that died
 
 
-def publish(url: str, collection: str, batches: Iterable[list[Document]], progress=None,
+def publish(url: str, collection: str, batches: Iterable[list[Document]],
             password: str = "", max_backlog: int = 1000) -> int:
     """Add each batch to the stream; waits while the backlog is over `max_backlog` entries."""
     import redis
@@ -42,8 +42,6 @@ def publish(url: str, collection: str, batches: Iterable[list[Document]], progre
         payload = json.dumps([doc.to_json() for doc in batch], ensure_ascii=False)
         client.xadd(STREAM, {"collection": collection, "documents": payload})
         published += len(batch)
-        if progress is not None:
-            progress.update(len(batch))
     return published
 
 

@@ -1,0 +1,33 @@
+"""A LangChain retriever over a Sieve collection (`pip install "sieve[langchain]"`)."""
+from __future__ import annotations
+
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from pydantic import ConfigDict
+
+from sieve.service.client import SieveClient, search_options, struct_dict
+
+
+class SieveRetriever(BaseRetriever):
+    """Each hit becomes a Document: its text as page_content, its metadata plus `title` and `score`.
+
+    Empty `retrievers`, empty `fusion` and `rerank=None` keep the collection's defaults.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    client: SieveClient
+    collection: str
+    k: int = 10
+    retrievers: list[str] = []
+    fusion: str = ""
+    rerank: bool | None = None
+    timeout: float = 30
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+        response = self.client.search(self.collection, query, k=self.k, timeout=self.timeout,
+                                      **search_options(self.retrievers, self.fusion, self.rerank))
+        return [Document(id=hit.id, page_content=hit.text,
+                         metadata={**struct_dict(hit.metadata), "title": hit.title, "score": hit.score})
+                for hit in response.results]
