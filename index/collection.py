@@ -23,6 +23,7 @@ import numpy as np
 
 from .documents import Document, validate_batch
 from .errors import CorruptIndex, InvalidArgument, NotFound, ReadOnly
+from .filters import Filter, check_metadata, read_columns, write_columns
 from .fusion import reciprocal_rank, weighted_scores
 from .registry import make_retrievers
 from .settings import CollectionSettings
@@ -72,7 +73,7 @@ class Segment:
     """An immutable batch of documents: stored text, ids, and each retriever's part. Every file is
     verified against its recorded size and checksum when the segment is opened."""
 
-    def __init__(self, directory: Path, retrievers: dict, label: str):
+    def __init__(self, directory: Path, retrievers: dict, label: str, filterable: dict):
         self.directory = directory
         self.name = directory.name
         self.label = label  # the folder, relative to the data directory: messages name no server path
@@ -91,6 +92,7 @@ class Segment:
                 raise CorruptIndex(f"{label}/docs.jsonl: size does not match its offsets (truncated?)")
             # A segment whose every passage was pruned has no index parts, only stored documents.
             self.parts = {name: r.open(directory) for name, r in retrievers.items()} if self.indexed else {}
+            self.columns = read_columns(directory, filterable, label)  # the metadata filters read
         except CorruptIndex:
             raise
         except Exception as error:  # any unreadable file names itself, relative to the data directory
@@ -116,7 +118,7 @@ class Segment:
 
     @staticmethod
     def write(directory: Path, docs: list[Document], indexed: int, encoded: dict[str, Any],
-              retrievers: dict, quality: np.ndarray | None, replaces: list[str] = ()) -> None:
+              retrievers: dict, quality: np.ndarray | None, filterable: dict, replaces: list[str] = ()) -> None:
         directory.mkdir(parents=True)
         offsets, checksums = [0], []
         with open(directory / "docs.jsonl", "wb") as f:
@@ -134,6 +136,7 @@ class Segment:
         if indexed:
             for name, retriever in retrievers.items():
                 retriever.write(directory, encoded[name])
+        write_columns(directory, [doc.metadata for doc in docs], filterable)
         meta = {"indexed": indexed, "documents": len(docs), "files": describe_files(directory),
                 "replaces": list(replaces)}
         (directory / "meta.json").write_bytes(seal(meta))
@@ -233,17 +236,18 @@ def read_settings(directory: Path) -> CollectionSettings:
         raise CorruptIndex(f"{label}: {error}") from None
 
 
-def write_segment(folders: Path, name: str, batch: PreparedBatch, retrievers: dict, label,
+def write_segment(folders: Path, name: str, batch: PreparedBatch, retrievers: dict, filterable: dict, label,
                   replaces: tuple[str, ...] = ()) -> Segment:
     """Written aside, renamed into place, opened (and so verified); nothing is left behind on failure."""
     tmp, final = folders / f"{TEMPORARY_PREFIX}{name}", folders / name
     try:
-        Segment.write(tmp, batch.documents, batch.indexed, batch.encoded, retrievers, batch.quality, replaces)
+        Segment.write(tmp, batch.documents, batch.indexed, batch.encoded, retrievers, batch.quality, filterable,
+                      replaces)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Segment(final, retrievers, label(final))
+    return Segment(final, retrievers, label(final), filterable)
 
 
 class Collection:
@@ -301,7 +305,7 @@ class Collection:
                 for name in manifest["segments"]:
                     if name not in tried:
                         folder = self.directory / "segments" / name
-                        tried[name] = Segment(folder, self.retrievers, self._label(folder))
+                        tried[name] = Segment(folder, self.retrievers, self._label(folder), self.settings.filterable)
                     segments.append(tried[name])
                 snapshot = self._snapshot(manifest, segments)
             except Exception as error:  # any failure: this generation is unusable, the server stays up
@@ -417,13 +421,15 @@ class Collection:
 
     def _new_segment(self, batch: PreparedBatch, replaces: tuple[str, ...] = ()) -> Segment:
         return write_segment(self.directory / "segments", f"seg-{time.time_ns():020d}", batch, self.retrievers,
-                             self._label, replaces)
+                             self.settings.filterable, self._label, replaces)
 
     # Writing -----------------------------------------------------------------------------------
     def prepare(self, docs: list[Document], prune: bool = True, progress: bool = False) -> PreparedBatch:
         """Quality pruning, then encoding by every index: the costly part, outside the write lock."""
         self._check_writable()
         validate_batch(docs)
+        for doc in docs:
+            check_metadata(doc.metadata, self.settings.filterable, doc.id)
         kept, pruned, quality = docs, [], None
         if prune and self.settings.quality_estimator != "none":
             from .quality import split_by_quality
@@ -471,6 +477,46 @@ class Collection:
                 else snapshot.generation
         self._maybe_compact()
         return found, missing, generation
+
+    def matching(self, filter: dict) -> list[str]:
+        """Ids of the live documents (indexed or pruned) a filter admits."""
+        admits = Filter(filter, self.settings.filterable).admits
+        snapshot = self.snapshot
+        found = []
+        for position, (segment, gone) in enumerate(zip(snapshot.segments, snapshot.deleted)):
+            rows = np.flatnonzero(admits(segment.columns, segment.ids))
+            found += [segment.ids[r] for r in np.setdiff1d(rows, gone, assume_unique=True)]
+        return found
+
+    def delete_matching(self, filter: dict) -> tuple[int, int]:
+        """(deleted, generation): every live document the filter admits, in one commit."""
+        ids = self.matching(filter)
+        if not ids:
+            return 0, self.snapshot.generation
+        deleted, _, generation = self.delete(ids)
+        return deleted, generation
+
+    def copy_to(self, target: Path) -> int:
+        """A consistent copy of the generation served now, as a collection folder that opens on its own:
+        hard links where the file system allows (segments are immutable), copies elsewhere. Returns the
+        generation copied."""
+        with self._write_lock:
+            snapshot = self.snapshot
+            manifest = self.directory / f"manifest-{snapshot.generation:010d}.json"
+            staging = target.with_name(f"{TEMPORARY_PREFIX}{target.name}")
+            with storage_errors(self.directory.parent):
+                try:
+                    (staging / "segments").mkdir(parents=True)
+                    for path in (self.directory / "settings.json", manifest):
+                        shutil.copy2(path, staging / path.name)
+                    for segment in snapshot.segments:
+                        shutil.copytree(segment.directory, staging / "segments" / segment.name,
+                                        copy_function=_link_or_copy)
+                    os.rename(staging, target)
+                except BaseException:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+        return snapshot.generation
 
     def compact(self) -> None:
         """Rewrite every live row into one segment (no re-encoding); drop the tombstones."""
@@ -528,19 +574,26 @@ class Collection:
         return self.retrievers[name].encode_queries(texts)
 
     def search(self, queries: dict[str, Any], k: int, fusion: str = "",
-               params: dict[str, dict] | None = None) -> SearchResult:
+               params: dict[str, dict] | None = None, filter: dict | None = None) -> SearchResult:
         """Search with encoded queries (retriever name -> representation), fuse, return the top k.
-        `params`: per retriever, this search's overrides of its settings."""
+        `params`: per retriever, this search's overrides of its settings. `filter`: only documents it
+        admits are retrieved, by every retriever (see filters.py)."""
         fusion = fusion or self.settings.fusion
         snapshot = self.snapshot
         deleted = snapshot.searchable_deleted()
+        hidden = None
+        if filter:
+            admits = Filter(filter, self.settings.filterable).admits
+            hidden = [np.flatnonzero(~admits(s.columns, s.ids)[:s.indexed]) for s in
+                      (snapshot.segments[i] for i in snapshot.searchable)]
         timings: dict[str, float] = {}
         rankings = {}
         depth = k if len(queries) == 1 else max(k, FUSION_DEPTH)
         searchable = snapshot.searchable
         for name, query in queries.items():
             start = time.perf_counter()
-            hits = self.retrievers[name].search(snapshot.parts(name), deleted, query, depth, (params or {}).get(name))
+            hits = self.retrievers[name].search(snapshot.parts(name), deleted, query, depth, (params or {}).get(name),
+                                                hidden)
             rankings[name] = [((searchable[h.segment], h.row), h.score) for h in hits]
             timings[name] = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
@@ -563,6 +616,18 @@ class Collection:
             raise NotFound(f"no document {doc_id!r} in collection {self.name!r}")
         position, row = snapshot.id_map[doc_id]
         return snapshot.segments[position].document(row)
+
+    def get_many(self, ids: list[str]) -> tuple[list[Document], list[str], int]:
+        """(documents found, in the order asked; ids not found; generation), from one snapshot."""
+        snapshot = self.snapshot
+        found, missing = [], []
+        for doc_id in ids:
+            if doc_id in snapshot.id_map:
+                position, row = snapshot.id_map[doc_id]
+                found.append(snapshot.segments[position].document(row))
+            else:
+                missing.append(doc_id)
+        return found, missing, snapshot.generation
 
     def pruned(self, limit: int = 0) -> list[tuple[str, float]]:
         """Passages dropped by quality pruning and still current, lowest quality first."""
@@ -605,6 +670,13 @@ class Collection:
     def close(self) -> None:
         for segment in self.snapshot.segments:
             segment.close()
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
 
 
 def _salvage(folder: Path) -> tuple[dict[int, Document], int, int | None, tuple[str, ...]]:
@@ -688,7 +760,7 @@ def repair(directory: Path) -> RepairReport:
             if name not in on_disk:
                 continue
             try:
-                intact[name] = Segment(on_disk[name], retrievers, label(on_disk[name]))
+                intact[name] = Segment(on_disk[name], retrievers, label(on_disk[name]), settings.filterable)
                 replaces = intact[name].replaces
             except CorruptIndex as error:
                 log.warning("repair %s: %s", directory.name, error)
@@ -727,7 +799,7 @@ def repair(directory: Path) -> RepairReport:
                     pruned = [rows[r] for r in alive if indexed is not None and r >= indexed]
                     encoded = {n: r.encode_documents(kept) for n, r in retrievers.items()} if kept else {}
                     batch = PreparedBatch(kept + pruned, len(kept), encoded, None)
-                    segment = write_segment(folders, f"{name}-salvaged", batch, retrievers, label)
+                    segment = write_segment(folders, f"{name}-salvaged", batch, retrievers, settings.filterable, label)
                     segments.append(segment)
                     salvaged_count += len(alive)
                     deleted[segment.name] = []

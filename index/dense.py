@@ -10,7 +10,7 @@ import numpy as np
 
 from .documents import Document
 from .encoders import load_encoder
-from .retriever import Hit, Retriever, top_hits
+from .retriever import Hit, Retriever, excluded, top_hits
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,29 @@ class DenseRetriever(Retriever):
     def encode_queries(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.encoder.embed(texts))
 
-    def search(self, parts, deleted, query: np.ndarray, k: int, params: dict | None = None) -> list[Hit]:
+    def search(self, parts, deleted, query: np.ndarray, k: int, params: dict | None = None,
+               hidden: list[np.ndarray] | None = None) -> list[Hit]:
         hits: list[Hit] = []
         query = query.reshape(1, -1).astype("float32")
-        for segment, (part, gone) in enumerate(zip(parts, deleted)):
+        for segment, (part, gone) in enumerate(zip(parts, excluded(deleted, hidden))):
             index = part.index
-            # Over-fetch by the segment's tombstones and filter: works on every index type, GPU too.
-            fetch = min(k + len(gone), index.ntotal)
-            if fetch == 0:
+            allowed = index.ntotal - len(gone)
+            if allowed <= 0:
                 continue
-            scores, rows = index.search(query, fetch)
-            dead = set(gone.tolist())
-            hits.extend(Hit(segment, int(r), float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0 and r not in dead)
+            found = []
+            if len(gone) <= index.ntotal // 2:
+                # Over-fetch by the rows to skip and filter: works on every index type, GPU too.
+                scores, rows = index.search(query, min(k + len(gone), index.ntotal))
+                dead = set(gone.tolist())
+                found = [Hit(segment, int(r), float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0 and r not in dead]
+            if len(found) < min(k, allowed):
+                # A selective filter (or an approximate index that came back short): exact search of the
+                # allowed rows, so that a search always returns min(k, matching) documents.
+                rows = np.setdiff1d(np.arange(index.ntotal), gone, assume_unique=True)
+                scores = np.asarray(part.vectors[rows], "float32") @ query[0]
+                best = np.argsort(-scores)[:k]
+                found = [Hit(segment, int(rows[i]), float(scores[i])) for i in best]
+            hits.extend(found)
         return top_hits(hits, k)
 
     def stats(self, parts, live_rows: int) -> dict:

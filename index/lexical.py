@@ -130,7 +130,8 @@ class BM25Retriever(LexicalRetriever):
     def encode_queries(self, texts: list[str]) -> list[dict[str, float]]:
         return [dict(Counter(analyze(text))) for text in texts]
 
-    def search(self, parts, deleted, query: dict[str, float], k: int, params: dict | None = None) -> list[Hit]:
+    def search(self, parts, deleted, query: dict[str, float], k: int, params: dict | None = None,
+               hidden: list[np.ndarray] | None = None) -> list[Hit]:
         if not query or not parts:
             return []
         k1, b = self.settings.bm25_k1, self.settings.bm25_b
@@ -157,5 +158,7 @@ class BM25Retriever(LexicalRetriever):
             contribution = idf[positions[coo.col]] * weights[coo.col] * tf / (tf + norm)  # Lucene drops (k1 + 1)
             scores = np.bincount(coo.row, weights=contribution, minlength=part.rows.matrix.shape[0])
             scores[~live] = 0
+            if hidden is not None:  # filtered out after scoring: the statistics above stay the collection's
+                scores[hidden[segment]] = 0
             scored.append((segment, scores))
         return self._best(scored, k)

@@ -38,7 +38,7 @@ from .documents import Document
 from .encoders import load_encoder
 from .errors import CorruptIndex, InvalidArgument
 from .pooling import normalize, pool_documents
-from .retriever import Hit, Retriever, dir_bytes, top_hits
+from .retriever import Hit, Retriever, dir_bytes, excluded, top_hits
 from .settings import CollectionSettings
 
 PREFIX = "mv."
@@ -243,13 +243,14 @@ class MultiVectorRetriever(Retriever):
     def encode_queries(self, texts: list[str]) -> list[np.ndarray]:
         return self.token_vectors(texts)  # queries are never pooled
 
-    def search(self, parts, deleted, query: np.ndarray, k: int, params: dict | None = None) -> list[Hit]:
+    def search(self, parts, deleted, query: np.ndarray, k: int, params: dict | None = None,
+               hidden: list[np.ndarray] | None = None) -> list[Hit]:
         knobs = SearchParams.of(self.settings, params)
         query = np.asarray(query, "float32")
         if query.ndim != 2 or len(query) == 0:
             raise InvalidArgument(f"a multi-vector query is a (tokens, dimension) array, got shape {query.shape}")
         hits: list[Hit] = []
-        for segment, (part, gone) in enumerate(zip(parts, deleted)):
+        for segment, (part, gone) in enumerate(zip(parts, excluded(deleted, hidden))):
             if part.vectors == 0:
                 continue
             if query.shape[1] != part.centroids.shape[1]:
@@ -266,13 +267,15 @@ class MultiVectorRetriever(Retriever):
         if len(gone):
             live = ~np.isin(candidates, gone, assume_unique=True)
             candidates, approximate = candidates[live], approximate[live]
+            allowed = part.documents - len(gone)
+            if len(candidates) < min(k, allowed):  # a selective filter: every allowed row is a candidate
+                candidates = np.setdiff1d(np.arange(part.documents), gone, assume_unique=True)
+                approximate = centroid_interaction(part, table, candidates)
         exact = max(knobs.exact_candidates, k)
-        for keep, score in ((max(knobs.candidates, exact), None), (exact, "centroid interaction")):
+        for keep, interaction in ((max(knobs.candidates, exact), False), (exact, True)):
             if len(candidates) > keep:
-                if score:  # every vector of the remaining candidates, replaced by its centroid
-                    lengths = part.offsets[candidates + 1] - part.offsets[candidates]
-                    ids = np.asarray(part.centroid_ids[ranges(part.offsets[candidates], lengths)], "int64")
-                    approximate = maxsim_from_table(table, ids, lengths)
+                if interaction:
+                    approximate = centroid_interaction(part, table, candidates)
                 best = np.sort(np.argpartition(-approximate, keep - 1)[:keep])
                 candidates, approximate = candidates[best], approximate[best]
         if len(candidates) == 0:
@@ -318,6 +321,13 @@ def prune_and_gather(part: MultiVectorPart, table: np.ndarray, nprobe: int,
     best = np.zeros((tokens, len(candidates)), "float32")  # a token with no kept centroid adds nothing
     np.maximum.at(best, (np.repeat(token_of, lengths), column), np.repeat(value, lengths))
     return candidates.astype("int64"), best.sum(axis=0)
+
+
+def centroid_interaction(part: MultiVectorPart, table: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """PLAID's approximate MaxSim: every vector of the candidates replaced by its centroid's scores."""
+    lengths = part.offsets[candidates + 1] - part.offsets[candidates]
+    ids = np.asarray(part.centroid_ids[ranges(part.offsets[candidates], lengths)], "int64")
+    return maxsim_from_table(table, ids, lengths)
 
 
 def maxsim_from_table(table: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:

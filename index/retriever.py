@@ -57,13 +57,22 @@ class Retriever(ABC):
         """One query representation per text; the service batches concurrent queries here."""
 
     @abstractmethod
-    def search(self, parts: list[Any], deleted: list[np.ndarray], query: Any, k: int, params: dict | None = None) -> list[Hit]:
+    def search(self, parts: list[Any], deleted: list[np.ndarray], query: Any, k: int, params: dict | None = None,
+               hidden: list[np.ndarray] | None = None) -> list[Hit]:
         """Best k live rows over all parts; deleted[i] holds the deleted rows of parts[i]. `params`: this
-        search's overrides of the retriever's settings (the multi-vector knobs)."""
+        search's overrides of the retriever's settings (the multi-vector knobs). `hidden[i]`: rows of
+        parts[i] a filter leaves out; they are never returned, but count in ranking statistics."""
 
     def stats(self, parts: list[Any], live_rows: int) -> dict:
         """Figures for DescribeCollection (vectors, bytes, ...)."""
         return {}
+
+
+def excluded(deleted: list[np.ndarray], hidden: list[np.ndarray] | None) -> list[np.ndarray]:
+    """Per part, the sorted rows a search must not return: tombstones and rows a filter leaves out."""
+    if hidden is None:
+        return deleted
+    return [np.union1d(gone, out) for gone, out in zip(deleted, hidden)]
 
 
 def top_hits(candidates: list[Hit], k: int) -> list[Hit]:

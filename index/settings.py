@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import InvalidArgument
+from .filters import check_schema
 
 RETRIEVER_NAMES = ("dense", "bm25", "impact", "multivector")
 FUSIONS = ("rrf", "weighted")
@@ -47,6 +48,8 @@ class CollectionSettings:
     quality_estimator: str = "none"
     prune_ratio: float = 0.0
     prune_threshold: float | None = None
+    # Metadata fields filters may use, and their types (keyword, integer, float, bool, datetime).
+    filterable: dict = field(default_factory=dict)
     # Reranking: None means "on only where a measured run showed it helps" (see the README).
     reranker: str = ""
     rerank: bool | None = None
@@ -92,6 +95,7 @@ class CollectionSettings:
             "pruning needs a 'quality_estimator'",
         )
         check(self.rerank_candidates >= 1, "'rerank_candidates' must be >= 1")
+        check_schema(self.filterable)
         check(all(layer >= 1 for layer in self.rerank_checkpoints), "'rerank_checkpoints' are layer numbers >= 1")
         check(self.rerank_margin is None or self.rerank_margin >= 0, "'rerank_margin' must be >= 0")
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 
 READ_METHODS = {
-    "/sieve.v1.SearchService/Search", "/sieve.v1.SearchService/Rerank",
+    "/sieve.v1.SearchService/Search", "/sieve.v1.SearchService/Rerank", "/sieve.v1.SearchService/SearchBatch",
+    "/sieve.v1.SearchService/Get",
     "/sieve.v1.CollectionService/ListCollections", "/sieve.v1.CollectionService/DescribeCollection",
     "/sieve.v1.IngestService/ListPruned",
 }

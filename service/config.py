@@ -23,6 +23,7 @@ class ServerConfig:
     max_document_chars: int = 100_000
     max_message_bytes: int = 32 * 1024 * 1024
     max_rerank_passages: int = 500
+    max_batch_searches: int = 64  # searches in one SearchBatch call
     # query-passage pairs queued or running in the reranker; a request that would pass it gets
     # RESOURCE_EXHAUSTED at once (about a minute of work on 2 CPU cores) instead of its deadline
     max_queued_rerank_pairs: int = 2000
@@ -53,7 +54,7 @@ class ServerConfig:
     def __post_init__(self):
         """Refuse settings that would only fail later, or never: a clear message at start-up instead."""
         at_least_one = ("default_k", "max_k", "max_query_chars", "max_batch_documents", "max_document_chars",
-                        "max_message_bytes", "max_rerank_passages", "max_queued_rerank_pairs",
+                        "max_message_bytes", "max_rerank_passages", "max_batch_searches", "max_queued_rerank_pairs",
                         "max_pending_batches", "max_concurrent_searches", "max_encode_batch", "queue_claim_idle_ms",
                         "cache_ttl_seconds")  # Redis refuses an expiry of 0 (and the link would be marked down)
         for name in at_least_one:

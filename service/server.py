@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sieve.index.catalog import Catalog
 from sieve.index.documents import Document, validate_batch
+from sieve.index.filters import Filter
 from sieve.index.errors import (AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly, ResourceExhausted,
                                 SieveError, Unavailable)
 from sieve.index.settings import CollectionSettings
@@ -33,6 +34,7 @@ from sieve.v1 import sieve_pb2 as pb
 
 from . import metrics
 from .batcher import MicroBatcher
+from .client import document_message
 from .config import ServerConfig, StartupError
 from .logs import request_id
 from .models import check_models
@@ -136,6 +138,26 @@ def rpc(method):
     return unary
 
 
+SNAPSHOTS = ".snapshots"  # under the data directory; the catalog never opens what starts with a dot
+
+
+def filter_spec(message: pb.Filter) -> dict:
+    """The filter as filters.py reads it: protobuf's JSON form, with ids and nested filters unwrapped."""
+    try:
+        spec = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except ValueError:
+        raise InvalidArgument("the filter holds NaN or an infinity") from None
+
+    def unwrap(condition: dict) -> dict:
+        if "ids" in condition:
+            return {"ids": condition["ids"].get("ids", [])}
+        if "filter" in condition:
+            return {clause: [unwrap(c) for c in conditions] for clause, conditions in condition["filter"].items()}
+        return condition
+
+    return {clause: [unwrap(c) for c in conditions] for clause, conditions in spec.items()}
+
+
 def multivector_options(options: pb.MultiVectorOptions) -> dict:
     """The fields a request set; the retriever validates them against its settings."""
     return {field.name: value for field, value in options.ListFields()}
@@ -233,6 +255,12 @@ class Sieve:
         validate_batch(docs, self.config.max_batch_documents)
         return docs
 
+    def check_response_size(self, response, what: str, advice: str) -> None:
+        size, limit = response.ByteSize(), self.config.max_message_bytes
+        if size > limit:
+            raise ResourceExhausted(f"the {what} come to {size} bytes, above the server's message limit ({limit}); "
+                                    f"{advice}")
+
     def search_arguments(self, request) -> int:
         query = request.query
         if not query.strip():
@@ -295,12 +323,47 @@ class Servicer:
 class SearchServicer(Servicer):
     @rpc
     async def Search(self, request, context):
+        return await self.search(request)
+
+    @rpc
+    async def SearchBatch(self, request, context):
+        limit = self.sieve.config.max_batch_searches
+        if not 1 <= len(request.searches) <= limit:
+            raise InvalidArgument(f"a batch holds 1..{limit} searches, not {len(request.searches)}")
+        searches = []
+        for position, search in enumerate(request.searches):
+            searches.append(self.search(search, f"search {position} of the batch: "))
+        return pb.SearchBatchResponse(results=await asyncio.gather(*searches))
+
+    @rpc
+    async def Get(self, request, context):
+        collection = self.sieve.collection(request.collection)
+        if not 1 <= len(request.ids) <= self.sieve.config.max_batch_documents:
+            raise InvalidArgument(f"ask for 1..{self.sieve.config.max_batch_documents} ids, not {len(request.ids)}")
+        found, missing, generation = await asyncio.to_thread(collection.get_many, list(request.ids))
+        response = pb.GetResponse(documents=[document_message(doc) for doc in found], not_found=missing,
+                                  generation=generation)
+        self.sieve.check_response_size(response, "documents", "ask for fewer ids")
+        return response
+
+    async def search(self, request, where: str = ""):
+        try:
+            return await self._search(request)
+        except SieveError as error:
+            if not where:
+                raise
+            raise type(error)(f"{where}{error}") from None  # which search of a batch failed
+
+    async def _search(self, request):
         sieve = self.sieve
         collection = sieve.collection(request.collection)
         k = sieve.search_arguments(request)
         names = collection.check_retrievers(list(request.retrievers))
         if request.fusion and request.fusion not in ("rrf", "weighted"):
             raise InvalidArgument(f"unknown fusion {request.fusion!r}; choose rrf or weighted")
+        spec = filter_spec(request.filter) if request.HasField("filter") else None
+        if spec:
+            Filter(spec, collection.settings.filterable)  # refused before any work
         cache_key = None
         if sieve.cache is not None:
             cache_key = sieve.cache.key(request, collection.snapshot.generation, k)
@@ -316,7 +379,7 @@ class SearchServicer(Servicer):
             queries = await sieve.encode(collection, names, request.query)
             encode_ms = (time.perf_counter() - start) * 1000
             result = await asyncio.to_thread(collection.search, queries, depth, request.fusion,
-                                             {"multivector": multivector_options(request.multivector)})
+                                             {"multivector": multivector_options(request.multivector)}, spec)
             timings = {"encode": encode_ms, **result.timings_ms}
             response = pb.SearchResponse(generation=result.generation)
             if rerank and result.hits:
@@ -335,10 +398,7 @@ class SearchServicer(Servicer):
             if not request.omit_text:
                 scored.title, scored.text = hit.document.title, hit.document.text
                 scored.metadata.update(hit.document.metadata)
-        if response.ByteSize() > sieve.config.max_message_bytes:
-            raise ResourceExhausted(f"the {len(response.results)} results come to {response.ByteSize()} bytes, above "
-                                    f"the server's message limit ({sieve.config.max_message_bytes}); lower k or set "
-                                    "omit_text and fetch the documents you need")
+        sieve.check_response_size(response, "results", "lower k or set omit_text and fetch the documents you need")
         if cache_key is not None and result.generation == collection.snapshot.generation:
             await sieve.cache.put(cache_key, response)
         return response
@@ -402,6 +462,17 @@ class IngestServicer(Servicer):
         log.info("%s: deleted %d documents, generation %d", collection.name, deleted, generation)
         await self.sieve.record(collection)
         return pb.DeleteResponse(deleted=deleted, not_found=missing, generation=generation)
+
+    @rpc
+    async def DeleteByFilter(self, request, context):
+        collection = self.sieve.collection(request.collection)
+        spec = filter_spec(request.filter) if request.HasField("filter") else None
+        if not spec:
+            raise InvalidArgument("an empty filter admits every document; drop the collection to remove them all")
+        deleted, generation = await asyncio.to_thread(collection.delete_matching, spec)
+        log.info("%s: deleted %d documents by filter, generation %d", collection.name, deleted, generation)
+        await self.sieve.record(collection)
+        return pb.DeleteResponse(deleted=deleted, generation=generation)
 
     @rpc
     async def ListPruned(self, request, context):
@@ -468,6 +539,20 @@ class CollectionServicer(Servicer):
         return pb.RepairCollectionResponse(
             collection=info, restored_segments=report.restored_segments, salvaged_documents=report.salvaged_documents,
             lost_documents=report.lost_documents, quarantined=report.quarantined, note=report.note)
+
+    @rpc
+    async def CreateSnapshot(self, request, context):
+        catalog = self._catalog()
+        collection = self.sieve.collection(request.name)
+        if catalog.read_only:
+            raise ReadOnly("this replica is read-only; snapshot collections on the writer")
+        folder = catalog.data_dir / SNAPSHOTS / f"{collection.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        folder.parent.mkdir(exist_ok=True)
+        generation = await asyncio.to_thread(collection.copy_to, folder)
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        log.info("snapshot of %s generation %d at %s", collection.name, generation, folder)
+        return pb.SnapshotInfo(collection=collection.name, generation=generation,
+                               path=str(folder.relative_to(catalog.data_dir)), bytes=size)
 
     @rpc
     async def Compact(self, request, context):

@@ -45,6 +45,16 @@ class SearchServiceStub:
                 request_serializer=sieve_dot_v1_dot_sieve__pb2.RerankRequest.SerializeToString,
                 response_deserializer=sieve_dot_v1_dot_sieve__pb2.RerankResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/sieve.v1.SearchService/SearchBatch',
+                request_serializer=sieve_dot_v1_dot_sieve__pb2.SearchBatchRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_sieve__pb2.SearchBatchResponse.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/sieve.v1.SearchService/Get',
+                request_serializer=sieve_dot_v1_dot_sieve__pb2.GetRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_sieve__pb2.GetResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -65,6 +75,20 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchBatch(self, request, context):
+        """several searches, run concurrently
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """documents by id
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +101,16 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.Rerank,
                     request_deserializer=sieve_dot_v1_dot_sieve__pb2.RerankRequest.FromString,
                     response_serializer=sieve_dot_v1_dot_sieve__pb2.RerankResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=sieve_dot_v1_dot_sieve__pb2.SearchBatchRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_sieve__pb2.SearchBatchResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=sieve_dot_v1_dot_sieve__pb2.GetRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_sieve__pb2.GetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,6 +178,60 @@ class SearchService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.SearchService/SearchBatch',
+            sieve_dot_v1_dot_sieve__pb2.SearchBatchRequest.SerializeToString,
+            sieve_dot_v1_dot_sieve__pb2.SearchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.SearchService/Get',
+            sieve_dot_v1_dot_sieve__pb2.GetRequest.SerializeToString,
+            sieve_dot_v1_dot_sieve__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class IngestServiceStub:
     """Write scope: documents in, documents out.
@@ -163,6 +251,11 @@ class IngestServiceStub:
         self.Delete = channel.unary_unary(
                 '/sieve.v1.IngestService/Delete',
                 request_serializer=sieve_dot_v1_dot_sieve__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_sieve__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.DeleteByFilter = channel.unary_unary(
+                '/sieve.v1.IngestService/DeleteByFilter',
+                request_serializer=sieve_dot_v1_dot_sieve__pb2.DeleteByFilterRequest.SerializeToString,
                 response_deserializer=sieve_dot_v1_dot_sieve__pb2.DeleteResponse.FromString,
                 _registered_method=True)
         self.ListPruned = channel.unary_unary(
@@ -195,6 +288,13 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteByFilter(self, request, context):
+        """every live document a filter admits
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListPruned(self, request, context):
         """Passages dropped by quality pruning, with their scores, and putting them back.
         """
@@ -219,6 +319,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
                     request_deserializer=sieve_dot_v1_dot_sieve__pb2.DeleteRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_sieve__pb2.DeleteResponse.SerializeToString,
+            ),
+            'DeleteByFilter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteByFilter,
+                    request_deserializer=sieve_dot_v1_dot_sieve__pb2.DeleteByFilterRequest.FromString,
                     response_serializer=sieve_dot_v1_dot_sieve__pb2.DeleteResponse.SerializeToString,
             ),
             'ListPruned': grpc.unary_unary_rpc_method_handler(
@@ -286,6 +391,33 @@ class IngestService:
             target,
             '/sieve.v1.IngestService/Delete',
             sieve_dot_v1_dot_sieve__pb2.DeleteRequest.SerializeToString,
+            sieve_dot_v1_dot_sieve__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteByFilter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.IngestService/DeleteByFilter',
+            sieve_dot_v1_dot_sieve__pb2.DeleteByFilterRequest.SerializeToString,
             sieve_dot_v1_dot_sieve__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
@@ -392,6 +524,11 @@ class CollectionServiceStub:
                 request_serializer=sieve_dot_v1_dot_sieve__pb2.RepairCollectionRequest.SerializeToString,
                 response_deserializer=sieve_dot_v1_dot_sieve__pb2.RepairCollectionResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/sieve.v1.CollectionService/CreateSnapshot',
+                request_serializer=sieve_dot_v1_dot_sieve__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_sieve__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
 
 
 class CollectionServiceServicer:
@@ -435,6 +572,13 @@ class CollectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """A consistent copy of the generation served now, under <data>/.snapshots/ (hard links: instant).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -467,6 +611,11 @@ def add_CollectionServiceServicer_to_server(servicer, server):
                     servicer.RepairCollection,
                     request_deserializer=sieve_dot_v1_dot_sieve__pb2.RepairCollectionRequest.FromString,
                     response_serializer=sieve_dot_v1_dot_sieve__pb2.RepairCollectionResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=sieve_dot_v1_dot_sieve__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_sieve__pb2.SnapshotInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -632,6 +781,33 @@ class CollectionService:
             '/sieve.v1.CollectionService/RepairCollection',
             sieve_dot_v1_dot_sieve__pb2.RepairCollectionRequest.SerializeToString,
             sieve_dot_v1_dot_sieve__pb2.RepairCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.CollectionService/CreateSnapshot',
+            sieve_dot_v1_dot_sieve__pb2.CreateSnapshotRequest.SerializeToString,
+            sieve_dot_v1_dot_sieve__pb2.SnapshotInfo.FromString,
             options,
             channel_credentials,
             insecure,
