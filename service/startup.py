@@ -43,13 +43,13 @@ def check_port_free(host: str, port: int, variable: str) -> None:
     """Refuse a port something already listens on, with the reason (gRPC itself only says "Failed to bind")."""
     if not port:
         return
-    family, kind, protocol, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                            flags=socket.AI_PASSIVE)[0]
-    with socket.socket(family, kind, protocol) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no clash
-        try:
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no clash
             probe.bind(address)
-        except OSError as error:
-            reason = "address in use" if error.errno == errno.EADDRINUSE else error.strerror.lower()
-            raise StartupError(f"cannot listen on {host}:{port} ({variable}): {reason}; is another server running "
-                               f"there? stop it or choose another port") from None
+    except OSError as error:
+        reason = ("address in use; is another server running there? stop it or choose another port"
+                  if error.errno == errno.EADDRINUSE else error.strerror.lower())
+        raise StartupError(f"cannot listen on {host}:{port} ({variable}): {reason}") from None
