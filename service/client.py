@@ -33,11 +33,49 @@ def struct_dict(struct: Struct) -> dict:
     return plain_numbers(json_format.MessageToDict(struct))
 
 
-def search_options(retrievers: Iterable[str] = (), fusion: str = "", rerank: bool | None = None) -> dict:
+def filter_message(spec: dict) -> pb.Filter:
+    """A pb.Filter from the plain form of index/filters.py ({"must": [{"field": "tenant", "match": "a"}]})."""
+    def wrap(condition: dict) -> dict:
+        if "ids" in condition:
+            return {"ids": {"ids": condition["ids"]}}
+        if set(condition) & {"must", "should", "must_not"}:
+            return {"filter": {clause: [wrap(c) for c in conditions] for clause, conditions in condition.items()}}
+        return condition
+
+    try:
+        return json_format.ParseDict({clause: [wrap(c) for c in conditions] for clause, conditions in spec.items()},
+                                     pb.Filter())
+    except json_format.ParseError as error:
+        raise ValueError(f"not a filter: {error}") from None
+
+
+def filter_spec(message: pb.Filter) -> dict:
+    """The plain form of a pb.Filter (the inverse of filter_message), as the index evaluates it."""
+    from sieve.index.errors import InvalidArgument
+
+    try:
+        spec = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except ValueError:
+        raise InvalidArgument("the filter holds NaN or an infinity") from None
+
+    def unwrap(condition: dict) -> dict:
+        if "ids" in condition:
+            return {"ids": condition["ids"].get("ids", [])}
+        if "filter" in condition:
+            return {clause: [unwrap(c) for c in conditions] for clause, conditions in condition["filter"].items()}
+        return condition
+
+    return {clause: [unwrap(c) for c in conditions] for clause, conditions in spec.items()}
+
+
+def search_options(retrievers: Iterable[str] = (), fusion: str = "", rerank: bool | None = None,
+                   filter: dict | None = None) -> dict:
     """SearchRequest fields from plain options; empty or None keeps the collection's default."""
     fields = {"retrievers": list(retrievers), "fusion": fusion}
     if rerank is not None:
         fields["rerank"] = pb.RerankOptions(enabled=rerank)
+    if filter:
+        fields["filter"] = filter_message(filter)
     return fields
 
 
@@ -71,6 +109,9 @@ class SieveClient:
 
     def search(self, collection: str, query: str, k: int | None = None, timeout: float | None = 30,
                **fields) -> pb.SearchResponse:
+        """`fields`: any SearchRequest field; `filter` may be given in its plain form (a dict)."""
+        if isinstance(fields.get("filter"), dict):
+            fields["filter"] = filter_message(fields["filter"])
         request = pb.SearchRequest(collection=collection, query=query, **fields)
         if k is not None:
             request.k = k
@@ -121,6 +162,20 @@ class SieveClient:
 
     def compact(self, name: str) -> pb.CollectionInfo:
         return self.collections_stub.Compact(pb.CompactRequest(name=name), metadata=self.metadata)
+
+    def get(self, collection: str, ids: list[str]) -> pb.GetResponse:
+        return self.search_stub.Get(pb.GetRequest(collection=collection, ids=ids), metadata=self.metadata)
+
+    def search_batch(self, searches: list[pb.SearchRequest], timeout: float | None = 60) -> pb.SearchBatchResponse:
+        return self.search_stub.SearchBatch(pb.SearchBatchRequest(searches=searches), timeout=timeout,
+                                            metadata=self.metadata)
+
+    def delete_by_filter(self, collection: str, filter: dict) -> pb.DeleteResponse:
+        return self.ingest_stub.DeleteByFilter(
+            pb.DeleteByFilterRequest(collection=collection, filter=filter_message(filter)), metadata=self.metadata)
+
+    def snapshot(self, name: str) -> pb.SnapshotInfo:
+        return self.collections_stub.CreateSnapshot(pb.CreateSnapshotRequest(name=name), metadata=self.metadata)
 
     def repair(self, name: str, timeout: float | None = 600) -> pb.RepairCollectionResponse:
         """Rebuild a degraded or damaged collection from its intact files (re-encoding can take minutes)."""

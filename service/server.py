@@ -34,7 +34,7 @@ from sieve.v1 import sieve_pb2 as pb
 
 from . import metrics
 from .batcher import MicroBatcher
-from .client import document_message
+from .client import document_message, filter_spec
 from .config import ServerConfig, StartupError
 from .logs import request_id
 from .models import check_models
@@ -139,23 +139,6 @@ def rpc(method):
 
 
 SNAPSHOTS = ".snapshots"  # under the data directory; the catalog never opens what starts with a dot
-
-
-def filter_spec(message: pb.Filter) -> dict:
-    """The filter as filters.py reads it: protobuf's JSON form, with ids and nested filters unwrapped."""
-    try:
-        spec = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    except ValueError:
-        raise InvalidArgument("the filter holds NaN or an infinity") from None
-
-    def unwrap(condition: dict) -> dict:
-        if "ids" in condition:
-            return {"ids": condition["ids"].get("ids", [])}
-        if "filter" in condition:
-            return {clause: [unwrap(c) for c in conditions] for clause, conditions in condition["filter"].items()}
-        return condition
-
-    return {clause: [unwrap(c) for c in conditions] for clause, conditions in spec.items()}
 
 
 def multivector_options(options: pb.MultiVectorOptions) -> dict:

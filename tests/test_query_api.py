@@ -134,6 +134,16 @@ def test_delete_by_filter_get_by_id_and_snapshots(tmp_path, docs):
     assert backup.health.state == "ok"
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_filters_survive_the_trip_through_protobuf(case):
+    from sieve.service.client import filter_message, filter_spec
+
+    spec = CASES[case][0]
+    assert filter_spec(filter_message(spec)) == spec
+    with_ids = {"must": [{"ids": ["a", "b"]}, spec]}
+    assert filter_spec(filter_message(with_ids)) == with_ids
+
+
 # Through a real server --------------------------------------------------------------------------
 def test_query_api_over_grpc(client, docs):
     import grpc
@@ -156,15 +166,20 @@ def test_query_api_over_grpc(client, docs):
     assert [len(r.results) for r in batch.results] == [3, 5]
     assert batch.results[0].results[0].id == client.search("rag", "computer indexing", k=3).results[0].id
 
-    got = client.search_stub.Get(pb.GetRequest(collection="rag", ids=[docs[3].id, "missing"]))
+    got = client.get("rag", [docs[3].id, "missing"])
     assert [d.id for d in got.documents] == [docs[3].id] and list(got.not_found) == ["missing"]
     assert got.documents[0].text == docs[3].text
 
-    snapshot = client.collections_stub.CreateSnapshot(pb.CreateSnapshotRequest(name="rag"))
+    plain = client.search("rag", "computer indexing", k=10, filter={
+        "must": [{"field": "tenant", "match": "acme"}, {"field": "year", "range": {"gte": 1970}}]})
+    assert [r.id for r in plain.results] == [r.id for r in response.results]
+    snapshot = client.snapshot("rag")
     assert snapshot.path.startswith(".snapshots/rag-") and snapshot.bytes > 0
 
     ids_only = pb.Filter(must=[pb.Condition(ids=pb.IdSet(ids=[docs[0].id, docs[1].id]))])
     assert client.ingest_stub.DeleteByFilter(pb.DeleteByFilterRequest(collection="rag", filter=ids_only)).deleted == 2
+    assert client.delete_by_filter("rag", {"must": [{"field": "tenant", "match": "initech"}]}).deleted == \
+        len(matching(docs[2:], lambda m: m["tenant"] == "initech"))
     for bad, words in [(pb.DeleteByFilterRequest(collection="rag"), "empty filter"),
                        (pb.DeleteByFilterRequest(collection="rag", filter=pb.Filter(
                            must=[pb.Condition(field="author", match=Value(string_value="x"))])), "not filterable")]:
