@@ -13,7 +13,7 @@ NOTES = [Document("owl", "Owls hunt small mammals at night.", "Owls", {"source":
 
 @pytest.fixture(scope="module")
 def notes(client):
-    client.create_collection("notes", {"indexes": ["dense", "bm25"]})
+    client.create_collection("notes", {"indexes": ["dense", "bm25"], "filterable": {"source": "keyword"}})
     client.upsert("notes", [NOTES])
     return "notes"
 
@@ -30,6 +30,8 @@ def test_langchain_retriever_maps_hits_to_documents(client, notes):
     assert documents[0].metadata["score"] > documents[1].metadata["score"]
     lexical = SieveRetriever(client=client, collection=notes, k=3, retrievers=["bm25"], rerank=False)
     assert [d.id for d in lexical.invoke("acorns")] == ["oak"]  # BM25 alone: only the matching document
+    almanac = SieveRetriever(client=client, collection=notes, filter={"must": [{"field": "source", "match": "almanac"}]})
+    assert {d.id for d in almanac.invoke("owls hunting at night")} == {"bee", "oak"}
     with pytest.raises(grpc.RpcError, match="fusion"):
         SieveRetriever(client=client, collection=notes, fusion="average").invoke("owls")
 
@@ -43,5 +45,7 @@ def test_llamaindex_retriever_maps_hits_to_nodes(client, notes):
     assert nodes[0].node.get_content() == "Bees make honey from nectar."
     assert nodes[0].node.metadata == {"source": "almanac", "title": "Bees"}
     assert [n.node.node_id for n in SieveRetriever(client, notes, retrievers=["bm25"]).retrieve("acorns")] == ["oak"]
+    not_almanac = SieveRetriever(client, notes, filter={"must_not": [{"field": "source", "match": "almanac"}]})
+    assert [n.node.node_id for n in not_almanac.retrieve("honey from nectar")] == ["owl"]
     with pytest.raises(grpc.RpcError, match="multivector"):
         SieveRetriever(client, notes, retrievers=["multivector"]).retrieve("owls")
