@@ -93,6 +93,28 @@ class Catalog:
                 self.refresh()
             return report
 
+    def restore(self, snapshot: Path, name: str) -> Collection:
+        """A snapshot folder (Collection.copy_to) as collection `name`, verified (every checksum) first."""
+        if self.read_only:
+            raise ReadOnly("this replica is read-only; restore collections on the writer")
+        if not NAME.fullmatch(name or ""):
+            raise InvalidArgument(f"invalid collection name {name!r}")
+        if not (snapshot / "settings.json").is_file():
+            raise NotFound(f"no snapshot at {snapshot.name!r}")
+        source = Collection.open(snapshot, read_only=True)  # verifies every file it will serve
+        try:
+            if source.health.problems:
+                raise CorruptIndex(f"snapshot {snapshot.name!r} is damaged: {source.health.problems[0]}")
+            with self._lock:
+                if name in self.collections or (self.data_dir / name).exists():
+                    raise AlreadyExists(f"collection {name!r} already exists; drop it first or restore under "
+                                        "another name")
+                source.copy_to(self.data_dir / name)
+                self.collections[name] = Collection.open(self.data_dir / name)
+                return self.collections[name]
+        finally:
+            source.close()
+
     def drop(self, name: str) -> None:
         if self.read_only:
             raise ReadOnly("this replica is read-only; drop collections on the writer")

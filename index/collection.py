@@ -504,7 +504,7 @@ class Collection:
             snapshot = self.snapshot
             manifest = self.directory / f"manifest-{snapshot.generation:010d}.json"
             staging = target.with_name(f"{TEMPORARY_PREFIX}{target.name}")
-            with storage_errors(self.directory.parent):
+            with storage_errors(target.parent):
                 try:
                     (staging / "segments").mkdir(parents=True)
                     for path in (self.directory / "settings.json", manifest):

@@ -177,6 +177,10 @@ class SieveClient:
     def snapshot(self, name: str) -> pb.SnapshotInfo:
         return self.collections_stub.CreateSnapshot(pb.CreateSnapshotRequest(name=name), metadata=self.metadata)
 
+    def restore(self, path: str, name: str) -> pb.CollectionInfo:
+        return self.collections_stub.RestoreSnapshot(pb.RestoreSnapshotRequest(path=path, name=name),
+                                                     timeout=600, metadata=self.metadata)
+
     def repair(self, name: str, timeout: float | None = 600) -> pb.RepairCollectionResponse:
         """Rebuild a degraded or damaged collection from its intact files (re-encoding can take minutes)."""
         return self.collections_stub.RepairCollection(pb.RepairCollectionRequest(name=name), timeout=timeout,

@@ -538,6 +538,17 @@ class CollectionServicer(Servicer):
                                path=str(folder.relative_to(catalog.data_dir)), bytes=size)
 
     @rpc
+    async def RestoreSnapshot(self, request, context):
+        catalog = self._catalog()
+        folder = catalog.data_dir / SNAPSHOTS / Path(request.path).name  # only snapshots Sieve made
+        if Path(request.path).parent != Path(SNAPSHOTS):
+            raise InvalidArgument(f"a snapshot path is {SNAPSHOTS}/<folder>, as CreateSnapshot returned it")
+        collection = await asyncio.to_thread(catalog.restore, folder, request.name)
+        log.info("restored %s as collection %s (generation %d)", request.path, request.name,
+                 collection.snapshot.generation)
+        return await asyncio.to_thread(self.sieve.info, collection)
+
+    @rpc
     async def Compact(self, request, context):
         collection = self.sieve.collection(request.name)
         await asyncio.to_thread(collection.compact)

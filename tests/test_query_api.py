@@ -132,6 +132,20 @@ def test_delete_by_filter_get_by_id_and_snapshots(tmp_path, docs):
     backup = Collection.open(tmp_path / "backup")
     assert backup.snapshot.generation == generation and len(backup.snapshot.id_map) == len(docs)
     assert backup.health.state == "ok"
+    backup.close()
+    from sieve.index.catalog import Catalog
+    from sieve.index.errors import CorruptIndex
+
+    catalog = Catalog(tmp_path / "data")
+    assert len(catalog.restore(tmp_path / "backup", "restored").snapshot.id_map) == len(docs)
+    damaged = next((tmp_path / "backup" / "segments").iterdir()) / "docs.jsonl"
+    data = bytearray(damaged.read_bytes())
+    data[100] ^= 1
+    damaged.unlink()  # a new file: the hard-linked original stays intact
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CorruptIndex, match="docs.jsonl"):
+        catalog.restore(tmp_path / "backup", "again")
+    assert "again" not in catalog.names() and not (tmp_path / "data" / "again").exists()
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -175,6 +189,14 @@ def test_query_api_over_grpc(client, docs):
     assert [r.id for r in plain.results] == [r.id for r in response.results]
     snapshot = client.snapshot("rag")
     assert snapshot.path.startswith(".snapshots/rag-") and snapshot.bytes > 0
+    restored = client.restore(snapshot.path, "rag-restored")
+    assert restored.stats.documents == len(docs) and restored.health.state == "ok"
+    for path, name, code in [(snapshot.path, "rag", grpc.StatusCode.ALREADY_EXISTS),
+                             ("../../etc", "x", grpc.StatusCode.INVALID_ARGUMENT),
+                             (".snapshots/nothing-here", "x", grpc.StatusCode.NOT_FOUND)]:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.restore(path, name)
+        assert caught.value.code() == code
 
     ids_only = pb.Filter(must=[pb.Condition(ids=pb.IdSet(ids=[docs[0].id, docs[1].id]))])
     assert client.ingest_stub.DeleteByFilter(pb.DeleteByFilterRequest(collection="rag", filter=ids_only)).deleted == 2

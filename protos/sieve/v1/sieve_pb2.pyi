@@ -429,3 +429,11 @@ class RepairCollectionResponse(_message.Message):
     quarantined: _containers.RepeatedScalarFieldContainer[str]
     note: str
     def __init__(self, collection: _Optional[_Union[CollectionInfo, _Mapping]] = ..., restored_segments: _Optional[_Iterable[str]] = ..., salvaged_documents: _Optional[int] = ..., lost_documents: _Optional[int] = ..., quarantined: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class RestoreSnapshotRequest(_message.Message):
+    __slots__ = ("path", "name")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    name: str
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...

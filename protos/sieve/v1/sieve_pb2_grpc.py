@@ -529,6 +529,11 @@ class CollectionServiceStub:
                 request_serializer=sieve_dot_v1_dot_sieve__pb2.CreateSnapshotRequest.SerializeToString,
                 response_deserializer=sieve_dot_v1_dot_sieve__pb2.SnapshotInfo.FromString,
                 _registered_method=True)
+        self.RestoreSnapshot = channel.unary_unary(
+                '/sieve.v1.CollectionService/RestoreSnapshot',
+                request_serializer=sieve_dot_v1_dot_sieve__pb2.RestoreSnapshotRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_sieve__pb2.CollectionInfo.FromString,
+                _registered_method=True)
 
 
 class CollectionServiceServicer:
@@ -579,6 +584,13 @@ class CollectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestoreSnapshot(self, request, context):
+        """A snapshot as a new collection, after verifying every checksum of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -616,6 +628,11 @@ def add_CollectionServiceServicer_to_server(servicer, server):
                     servicer.CreateSnapshot,
                     request_deserializer=sieve_dot_v1_dot_sieve__pb2.CreateSnapshotRequest.FromString,
                     response_serializer=sieve_dot_v1_dot_sieve__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'RestoreSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSnapshot,
+                    request_deserializer=sieve_dot_v1_dot_sieve__pb2.RestoreSnapshotRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_sieve__pb2.CollectionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -808,6 +825,33 @@ class CollectionService:
             '/sieve.v1.CollectionService/CreateSnapshot',
             sieve_dot_v1_dot_sieve__pb2.CreateSnapshotRequest.SerializeToString,
             sieve_dot_v1_dot_sieve__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.CollectionService/RestoreSnapshot',
+            sieve_dot_v1_dot_sieve__pb2.RestoreSnapshotRequest.SerializeToString,
+            sieve_dot_v1_dot_sieve__pb2.CollectionInfo.FromString,
             options,
             channel_credentials,
             insecure,
