@@ -219,6 +219,15 @@ def cmd_collections(args) -> int:
             info = client.describe(args.name)
         elif args.action == "compact":
             info = client.compact(args.name)
+        elif args.action == "snapshot":
+            snapshot = client.snapshot(args.name)
+            print(f"snapshot of {args.name!r} at generation {snapshot.generation}: {snapshot.path} "
+                  f"({snapshot.bytes} bytes, in the data directory)")
+            return 0
+        elif args.action == "restore":
+            if not args.snapshot:
+                raise SystemExit("'sieve collections restore NAME' needs --from <the snapshot path>")
+            info = client.restore(args.snapshot, args.name)
         elif args.action == "repair":
             report = client.repair(args.name)
             print(f"repaired {args.name!r}: generation {report.collection.stats.generation}, "
@@ -379,14 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--json", action="store_true", help="print the whole response as JSON")
     search.set_defaults(run=cmd_search)
 
-    collections = client_command("collections", "list, create, describe, compact, repair or drop collections",
-                                 collection=False)
-    collections.add_argument("action", choices=["list", "create", "describe", "compact", "repair", "drop"],
-                             help="what to do")
+    collections = client_command("collections", "list, create, describe, compact, repair, snapshot, restore or "
+                                 "drop collections", collection=False)
+    collections.add_argument("action", choices=["list", "create", "describe", "compact", "repair", "snapshot",
+                                                "restore", "drop"], help="what to do")
     collections.add_argument("name", nargs="?", help="collection name (all but list)")
     collections.add_argument("--settings", help="settings for create (JSON or a JSON file) "
                                                 "(default: the server's defaults)")
     collections.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    collections.add_argument("--from", dest="snapshot", help="restore: the snapshot path `snapshot` printed")
     collections.set_defaults(run=cmd_collections)
 
     delete = client_command("delete", "delete documents by id")
