@@ -59,3 +59,23 @@ def write_results(name: str, figures: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2))
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def prebuilt_collection(folder: Path, settings, corpus: list[Document], encoded: dict):
+    """A one-segment collection from encodings computed elsewhere (cached), through the real commit."""
+    from sieve.index.collection import Collection, PreparedBatch
+
+    collection = Collection.create(folder, settings)
+    if "bm25" in settings.indexes:
+        encoded = {**encoded, "bm25": collection.retrievers["bm25"].encode_documents(corpus)}
+    collection.commit(PreparedBatch(corpus, len(corpus), encoded, None))
+    return collection
+
+
+def mean_vector(tokens):
+    """A passage's normalised mean token vector: a stand-in dense vector for timing and filter checks
+    (exact search costs the same for any vectors; it is not the model's sentence embedding)."""
+    import numpy as np
+
+    mean = tokens.mean(0)
+    return (mean / np.linalg.norm(mean)).astype("float32")

@@ -78,9 +78,9 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def maxsim(query: np.ndarray, vectors: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """MaxSim of one query against consecutive documents of `lengths` vectors each (all > 0)."""
-    similarities = query @ vectors.T  # (query tokens, vectors)
+    similarities = vectors @ query.T  # (vectors, query tokens): each document's rows reduce contiguously
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return np.maximum.reduceat(similarities, starts, axis=1).sum(axis=0)
+    return np.maximum.reduceat(similarities, starts, axis=0).sum(axis=1)
 
 
 @dataclass
@@ -307,20 +307,33 @@ class MultiVectorRetriever(Retriever):
 
 def prune_and_gather(part: MultiVectorPart, table: np.ndarray, nprobe: int,
                      threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(documents, approximate MaxSim) from the inverted lists of each query token's kept centroids."""
+    """(documents, approximate MaxSim) from the inverted lists of each query token's kept centroids: per
+    token, each document's best kept centroid (lists written in rising score order, so the best lands
+    last), summed over tokens. The loop runs over kept centroids, never over documents."""
     tokens, count = table.shape
     probe = min(nprobe, count)
     top = np.argpartition(-table, probe - 1, axis=1)[:, :probe]  # (tokens, probe) centroid ids
     values = np.take_along_axis(table, top, axis=1)
     kept = np.ones_like(values, dtype=bool) if threshold is None else values >= threshold
     kept[np.arange(tokens), values.argmax(axis=1)] = True  # every query token keeps its best centroid
-    token_of, centroid, value = np.nonzero(kept)[0], top[kept], values[kept]
-    starts, lengths = part.list_offsets[centroid], part.list_offsets[centroid + 1] - part.list_offsets[centroid]
-    documents = np.asarray(part.list_docs[ranges(starts, lengths)])
-    candidates, column = np.unique(documents, return_inverse=True)
-    best = np.zeros((tokens, len(candidates)), "float32")  # a token with no kept centroid adds nothing
-    np.maximum.at(best, (np.repeat(token_of, lengths), column), np.repeat(value, lengths))
-    return candidates.astype("int64"), best.sum(axis=0)
+    total = np.zeros(part.documents, "float32")
+    best = np.zeros(part.documents, "float32")  # one token's scores; reset after each token
+    seen = np.zeros(part.documents, bool)
+    for token in range(tokens):
+        touched = []
+        for j in np.argsort(values[token]):  # rising scores
+            if kept[token, j]:
+                centroid = top[token, j]
+                documents = part.list_docs[part.list_offsets[centroid]:part.list_offsets[centroid + 1]]
+                best[documents] = values[token, j]
+                touched.append(documents)
+        if touched:
+            documents = np.concatenate(touched)
+            total[documents] += best[documents]  # repeated indices add once: what a max needs
+            best[documents] = 0
+            seen[documents] = True
+    candidates = np.flatnonzero(seen)
+    return candidates, total[candidates]
 
 
 def centroid_interaction(part: MultiVectorPart, table: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -333,7 +346,7 @@ def centroid_interaction(part: MultiVectorPart, table: np.ndarray, candidates: n
 def maxsim_from_table(table: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """MaxSim where each document vector's similarities are a column of `table` (query x centroid)."""
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return np.maximum.reduceat(table[:, ids], starts, axis=1).sum(axis=0)
+    return np.maximum.reduceat(np.ascontiguousarray(table.T)[ids], starts, axis=0).sum(axis=1)
 
 
 def train_centroids(vectors: np.ndarray, count: int) -> np.ndarray:

@@ -42,8 +42,8 @@ class CollectionSettings:
     # centroid score kept, documents rescored by centroid interaction, documents scored exactly.
     nprobe: int = 8
     centroid_threshold: float | None = None
-    candidates: int = 256
-    exact_candidates: int = 64
+    candidates: int = 512
+    exact_candidates: int = 128
     # Passage-quality pruning, before encoding.
     quality_estimator: str = "none"
     prune_ratio: float = 0.0
