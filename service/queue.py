@@ -16,7 +16,7 @@ import time
 from typing import Iterable
 
 from sieve.index.documents import Document
-from sieve.index.errors import SieveError
+from sieve.index.errors import CorruptIndex, ResourceExhausted, SieveError, Unavailable
 
 from . import metrics
 from .redis_link import RedisLink
@@ -107,6 +107,10 @@ class QueueConsumer:
             prepared = await asyncio.to_thread(collection.prepare, docs)
             await asyncio.to_thread(collection.commit, prepared)
             metrics.INGESTED.labels(name).inc(len(docs))
+        except (ResourceExhausted, Unavailable, CorruptIndex) as error:
+            # A full disk, a failing volume, a collection awaiting repair: the batch is fine; retried later.
+            log.error("queue entry %s not applied now (%s); it stays pending and will be retried", entry_id, error)
+            return
         except (SieveError, KeyError, ValueError) as error:
             log.error("queue entry %s cannot be applied (%s); moved to %s", entry_id, error, DEAD_LETTERS)
             await self.link.call("xadd", DEAD_LETTERS, {**fields, "error": str(error), "entry": entry_id})

@@ -419,3 +419,39 @@ def test_start_up_problems_exit_1_with_one_line_naming_the_file(tmp_path):
     certs = make_certificates(tmp_path)
     line = serve_exits(tmp_path, {"SIEVE_TLS_CERT": str(certs["client.pem"]), "SIEVE_TLS_KEY": str(certs["server.key"])})
     assert line.startswith(f"sieve serve: SIEVE_TLS_CERT {certs['client.pem']} and SIEVE_TLS_KEY") and "private key" in line
+
+
+def test_queued_batches_wait_for_a_repair_instead_of_being_dead_lettered(tmp_path, adi):
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    import redis
+
+    from sieve.service.client import SieveClient
+    from sieve.service.process import ServerProcess
+    from sieve.service.queue import publish
+    from test_operations import RedisServer, wait_for
+
+    queue = RedisServer(tmp_path / "redis").start()
+    data = tmp_path / "data"
+    server = ServerProcess(data, {"SIEVE_REDIS_URL": queue.url, "SIEVE_QUEUE_CLAIM_IDLE_MS": "1500"}).start()
+    try:
+        with SieveClient(server.target) as client:
+            client.create_collection("c", {"indexes": ["bm25"]})
+            client.upsert("c", [adi[:10]])
+            client.upsert("c", [adi[10:20]])
+        server.stop()
+        truncate(max((data / "c").glob("manifest-*.json")))
+        server = ServerProcess(data, {"SIEVE_REDIS_URL": queue.url, "SIEVE_QUEUE_CLAIM_IDLE_MS": "1500"}).start()
+        publish(queue.url, "c", [adi[20:30]])
+        r = redis.Redis.from_url(queue.url)
+        wait_for(lambda: b"stays pending" in server.log.read_bytes())
+        assert r.xlen("sieve:ingest:dead") == 0 and r.xpending("sieve:ingest", "sieve-indexers")["pending"] == 1
+        with SieveClient(server.target) as client:
+            client.repair("c")
+            # the pending entry is claimed again once idle (SIEVE_QUEUE_CLAIM_IDLE_MS) and now commits
+            wait_for(lambda: client.describe("c").stats.documents == 30, timeout=180)
+    finally:
+        server.stop()
+        queue.stop()
