@@ -85,8 +85,7 @@ class Catalog:
                 raise NotFound(f"no collection named {name!r}")
             collection = self.collections.pop(name, None)
             if collection is not None:
-                with collection._write_lock:  # no write of this collection is half-way through
-                    collection.close()
+                collection.close()  # waits for a write half-way through
             try:
                 report = repair(self.data_dir / name)
             finally:

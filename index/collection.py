@@ -668,8 +668,9 @@ class Collection:
         }
 
     def close(self) -> None:
-        for segment in self.snapshot.segments:
-            segment.close()
+        with self._write_lock:
+            for segment in self.snapshot.segments:
+                segment.close()
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -824,6 +825,7 @@ def repair(directory: Path) -> RepairReport:
         notes.append(f"segments named by generation {base['generation']} are missing from disk: "
                      f"{', '.join(missing)}; restore them from a backup and repair again")
     log.warning("repaired collection %s: generation %d, %d segment(s) restored, %d document(s) salvaged, "
-                "%d lost", directory.name, generation, len(restored), salvaged_count, lost)
+                "%d lost; moved aside: %s", directory.name, generation, len(restored), salvaged_count, lost,
+                ", ".join(moved) or "nothing")
     return RepairReport(restored, salvaged_count, lost, moved, "; ".join(notes))
 

@@ -513,10 +513,7 @@ class CollectionServicer(Servicer):
     @rpc
     async def RepairCollection(self, request, context):
         catalog = self._catalog()
-        report = await asyncio.to_thread(catalog.repair, request.name)
-        log.warning("repaired collection %s: %d segment(s) restored, %d document(s) salvaged, %d lost; moved aside: "
-                    "%s", request.name, len(report.restored_segments), report.salvaged_documents,
-                    report.lost_documents, ", ".join(report.quarantined) or "nothing")
+        report = await asyncio.to_thread(catalog.repair, request.name)  # logs what it did
         info = await asyncio.to_thread(self.sieve.info, catalog.get(request.name))
         self.sieve.record_health()
         return pb.RepairCollectionResponse(
