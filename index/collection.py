@@ -815,7 +815,7 @@ def repair(directory: Path) -> RepairReport:
             "deleted": {s.name: sorted(deleted.get(s.name, [])) for s in segments if deleted.get(s.name)},
             "committed_at": time.time(),
         }))
-        for segment in segments:
+        for segment in {id(s): s for s in [*segments, *intact.values()]}.values():
             segment.close()
     notes = []
     if newer_damaged:
