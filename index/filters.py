@@ -238,6 +238,6 @@ class Filter:
             return column.rows_where(test)
         wanted = [condition["match"]] if "match" in condition else condition["any"]
         if kind == "keyword":
-            codes = [i for i, word in enumerate(column.vocabulary) if word in set(wanted)]
+            codes = np.flatnonzero(np.isin(np.asarray(column.vocabulary, dtype=str), wanted))
             return column.rows_where(np.isin(column.values, codes))
         return column.rows_where(np.isin(column.values, [to_number(kind, v, field) for v in wanted]))
