@@ -93,11 +93,15 @@ class DenseRetriever(Retriever):
             allowed = part.index.ntotal - len(gone)
             if allowed <= 0:
                 continue
-            scores, rows = search_skipping(part.index, query, min(k, allowed), gone)
-            found = [Hit(segment, int(r), float(s)) for s, r in zip(scores, rows) if r >= 0]
+            found = []
+            selective = allowed <= max(part.index.ntotal // 10, self.settings.exact_search_max)
+            if not (selective and isinstance(part.index, faiss.IndexHNSW)):
+                scores, rows = search_skipping(part.index, query, min(k, allowed), gone)
+                found = [Hit(segment, int(r), float(s)) for s, r in zip(scores, rows) if r >= 0]
             if len(found) < min(k, allowed):
-                # HNSW's graph can miss the few rows a selective filter allows: exact search of those rows,
-                # so that a search always returns min(k, matching) documents.
+                # HNSW's graph walks past the few rows a selective filter allows (recall collapses): exact
+                # search of those rows instead, at a cost that falls with them; a search always returns
+                # min(k, matching) documents.
                 rows = np.setdiff1d(np.arange(part.index.ntotal), gone, assume_unique=True)
                 scores = np.asarray(part.vectors[rows], "float32") @ query[0]
                 best = np.argsort(-scores)[:k]
