@@ -212,3 +212,20 @@ def test_query_api_over_grpc(client, docs):
         client.search_stub.SearchBatch(pb.SearchBatchRequest(searches=[
             pb.SearchRequest(collection="rag", query="fine"), pb.SearchRequest(collection="rag", query=" ")]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "search 1 of the batch" in caught.value.details()
+
+
+def test_filtered_hnsw_search_is_exact_when_the_filter_is_selective(tmp_path, docs):
+    collection = Collection.create(tmp_path / "c", CollectionSettings(indexes=("dense",), exact_search_max=0,
+                                                                      filterable=FILTERABLE))
+    collection.upsert(docs)
+    assert collection.stats()["details"]["dense"]["hnsw_segments"] == 1
+    query = collection.encode_queries("dense", ["computer indexing"])[0]
+    vectors = collection.snapshot.segments[0].parts["dense"].vectors
+    for spec, test in (({"must": [{"ids": [d.id for d in docs[:6]]}]}, lambda d: d.id in {x.id for x in docs[:6]}),
+                       CASES["keyword"]):
+        allowed = [i for i, d in enumerate(docs) if (test(d) if spec.get("must", [{}])[0].get("ids") else test(d.metadata))]
+        hits = collection.search({"dense": query}, 5, filter=spec).hits
+        assert len(hits) == min(5, len(allowed)) and {h.id for h in hits} <= {docs[i].id for i in allowed}
+        if len(allowed) <= len(docs) // 10:  # selective: exact
+            truth = np.sort(np.asarray(vectors[allowed]) @ query)[::-1][:5]
+            np.testing.assert_allclose([h.score for h in hits], truth, rtol=1e-5)
