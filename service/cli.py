@@ -144,7 +144,12 @@ def cmd_ingest(args) -> int:
 def cmd_search(args) -> int:
     from .client import search_options
 
-    options = search_options(args.retrievers.split(",") if args.retrievers else [], args.fusion or "", args.rerank)
+    try:
+        spec = json.loads(args.filter) if args.filter else None
+        options = search_options(args.retrievers.split(",") if args.retrievers else [], args.fusion or "",
+                                 args.rerank, spec)
+    except ValueError as error:
+        raise SystemExit(f"--filter is not a filter: {error}") from None
     with _client(args) as client:
         response = client.search(args.collection, args.query, k=args.k, **options)
     if args.json:
@@ -385,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                       "(default: the collection's)")
     search.add_argument("--rerank", action=argparse.BooleanOptionalAction,
                         help="rerank with the cross-encoder (default: the collection's)")
+    search.add_argument("--filter", help='metadata filter as JSON, e.g. \'{"must": [{"field": "tenant", "match": '
+                                         '"acme"}]}\' (fields the collection declares filterable)')
     search.add_argument("--json", action="store_true", help="print the whole response as JSON")
     search.set_defaults(run=cmd_search)
 

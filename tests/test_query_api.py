@@ -159,7 +159,7 @@ def test_filters_survive_the_trip_through_protobuf(case):
 
 
 # Through a real server --------------------------------------------------------------------------
-def test_query_api_over_grpc(client, docs):
+def test_query_api_over_grpc(server, client, docs):
     import grpc
     from google.protobuf.struct_pb2 import Value
 
@@ -187,6 +187,16 @@ def test_query_api_over_grpc(client, docs):
     plain = client.search("rag", "computer indexing", k=10, filter={
         "must": [{"field": "tenant", "match": "acme"}, {"field": "year", "range": {"gte": 1970}}]})
     assert [r.id for r in plain.results] == [r.id for r in response.results]
+    import json
+    import subprocess
+    import sys
+
+    cli = subprocess.run([sys.executable, "-m", "sieve.service.cli", "search", "--server", server.target,
+                          "--collection", "rag", "--json", "--filter",
+                          json.dumps({"must": [{"field": "tenant", "match": "acme"}]}), "computer indexing"],
+                         capture_output=True, text=True, timeout=120)
+    found = [r["id"] for r in json.loads(cli.stdout)["results"]]
+    assert found and set(found) <= matching(docs, lambda m: m["tenant"] == "acme")
     snapshot = client.snapshot("rag")
     assert snapshot.path.startswith(".snapshots/rag-") and snapshot.bytes > 0
     restored = client.restore(snapshot.path, "rag-restored")
