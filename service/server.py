@@ -353,7 +353,10 @@ class SearchServicer(Servicer):
             cached = await sieve.cache.get(cache_key)
             if cached is not None:
                 return cached
-        rerank = request.rerank.enabled if request.rerank.HasField("enabled") else rerank_default(collection)[0]
+        if request.rerank.HasField("enabled"):
+            rerank = request.rerank.enabled
+        else:  # reads the collection's evaluation record: off the event loop
+            rerank = (await asyncio.to_thread(rerank_default, collection))[0]
         depth = candidate_count(request.rerank, collection.settings, k, sieve.config.max_rerank_passages) \
             if rerank else k
         options = pruning_options(request.rerank, collection.settings) if rerank else None  # checked before work
