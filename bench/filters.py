@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def main() -> None:
     cache = cache_dir("mv")
     cache.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
-    corpus = [d.__class__(d.id, d.text, d.title, {"tenant": f"t{rng.integers(TENANTS)}"}) for d in load_corpus("scifact")]
+    corpus = [replace(d, metadata={"tenant": f"t{rng.integers(TENANTS)}"}) for d in load_corpus("scifact")]
     judged, _ = load_queries("scifact")
     qids = list(judged)[:args.queries]
     base = MultiVectorRetriever(CollectionSettings())

@@ -8,6 +8,7 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from sieve.index.documents import Document
+from sieve.index.errors import InvalidArgument
 from sieve.v1 import sieve_pb2 as pb
 from sieve.v1 import sieve_pb2_grpc as rpc
 
@@ -51,8 +52,6 @@ def filter_message(spec: dict) -> pb.Filter:
 
 def filter_spec(message: pb.Filter) -> dict:
     """The plain form of a pb.Filter (the inverse of filter_message), as the index evaluates it."""
-    from sieve.index.errors import InvalidArgument
-
     try:
         spec = json_format.MessageToDict(message, preserving_proto_field_name=True)
     except ValueError:
