@@ -24,7 +24,7 @@ import numpy as np
 from .documents import Document, validate_batch
 from .errors import CorruptIndex, InvalidArgument, NotFound, ReadOnly
 from .filters import Filter, check_metadata, read_columns, write_columns
-from .fusion import reciprocal_rank, weighted_scores
+from .fusion import fuse
 from .registry import make_retrievers
 from .settings import CollectionSettings
 from .storage import (TEMPORARY_PREFIX, describe_files, file_checksum, fsync_dir, remove_temporary, row_checksum,
@@ -39,6 +39,7 @@ AUTO_COMPACT_DELETED_RATIO = 0.3
 SEGMENT_NAME = re.compile(r"seg-\d{20}(-salvaged)*")
 MANIFEST_KEYS = {"generation", "segments", "deleted", "committed_at"}
 QUARANTINE = "quarantine"  # damaged files a repair moved aside; Sieve never deletes them
+EVALUATION_FILE = "evaluation.json"  # the last measured reranking run (`sieve evaluate`)
 
 
 def read_manifest(path: Path, label: str) -> dict:
@@ -260,6 +261,7 @@ class Collection:
         self._write_lock = threading.Lock()
         self.health = Health()
         self.snapshot = self._load()
+        self.evaluation = self._read_evaluation()
 
     def _label(self, path: Path) -> str:
         return str(path.relative_to(self.directory.parent))
@@ -369,8 +371,28 @@ class Collection:
             log.error("collection %s: cleanup after generation %d failed, retried after the next commit: %s",
                       self.name, self.snapshot.generation, error)
 
+    def _read_evaluation(self) -> dict | str | None:
+        """The last measured reranking run: its figures, None if never measured, or why it cannot be read."""
+        path = self.directory / EVALUATION_FILE
+        try:
+            figures = json.loads(path.read_text())
+            if not isinstance(figures, dict):
+                raise ValueError("not a JSON object")
+            return figures
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            return f"{self.name}/{EVALUATION_FILE} cannot be read ({error})"
+
+    def record_evaluation(self, figures: dict) -> None:
+        """A side record beside the index (replicas write it too: `sieve evaluate` opens read-only)."""
+        with storage_errors(self.directory.parent):
+            write_atomically(self.directory / EVALUATION_FILE, json.dumps(figures, indent=2).encode())
+        self.evaluation = figures
+
     def refresh(self) -> bool:
         """Read-only replicas: switch to a newer generation written by the writer, if there is one."""
+        self.evaluation = self._read_evaluation()
         newest = self._manifests()
         if not newest or manifest_number(newest[0]) <= self.snapshot.generation:
             return False
@@ -478,9 +500,13 @@ class Collection:
         self._maybe_compact()
         return found, missing, generation
 
-    def matching(self, filter: dict) -> list[str]:
+    def filter(self, spec: dict) -> Filter:
+        """A filter checked against this collection's filterable fields (INVALID_ARGUMENT if it does not fit)."""
+        return Filter(spec, self.settings.filterable)
+
+    def matching(self, filter: Filter) -> list[str]:
         """Ids of the live documents (indexed or pruned) a filter admits."""
-        admits = Filter(filter, self.settings.filterable).admits
+        admits = filter.admits
         snapshot = self.snapshot
         found = []
         for position, (segment, gone) in enumerate(zip(snapshot.segments, snapshot.deleted)):
@@ -488,7 +514,7 @@ class Collection:
             found += [segment.ids[r] for r in np.setdiff1d(rows, gone, assume_unique=True)]
         return found
 
-    def delete_matching(self, filter: dict) -> tuple[int, int]:
+    def delete_matching(self, filter: Filter) -> tuple[int, int]:
         """(deleted, generation): every live document the filter admits, in one commit."""
         ids = self.matching(filter)
         if not ids:
@@ -507,8 +533,9 @@ class Collection:
             with storage_errors(target.parent):
                 try:
                     (staging / "segments").mkdir(parents=True)
-                    for path in (self.directory / "settings.json", manifest):
-                        shutil.copy2(path, staging / path.name)
+                    for path in (self.directory / "settings.json", manifest, self.directory / EVALUATION_FILE):
+                        if path.name != EVALUATION_FILE or path.exists():
+                            shutil.copy2(path, staging / path.name)
                     for segment in snapshot.segments:
                         shutil.copytree(segment.directory, staging / "segments" / segment.name,
                                         copy_function=_link_or_copy)
@@ -574,7 +601,7 @@ class Collection:
         return self.retrievers[name].encode_queries(texts)
 
     def search(self, queries: dict[str, Any], k: int, fusion: str = "",
-               params: dict[str, dict] | None = None, filter: dict | None = None) -> SearchResult:
+               params: dict[str, dict] | None = None, filter: Filter | None = None) -> SearchResult:
         """Search with encoded queries (retriever name -> representation), fuse, return the top k.
         `params`: per retriever, this search's overrides of its settings. `filter`: only documents it
         admits are retrieved, by every retriever (see filters.py)."""
@@ -582,8 +609,8 @@ class Collection:
         snapshot = self.snapshot
         deleted = snapshot.searchable_deleted()
         hidden = None
-        if filter:
-            admits = Filter(filter, self.settings.filterable).admits
+        if filter is not None:
+            admits = filter.admits
             hidden = [np.flatnonzero(~admits(s.columns, s.ids)[:s.indexed]) for s in
                       (snapshot.segments[i] for i in snapshot.searchable)]
         timings: dict[str, float] = {}
@@ -597,14 +624,7 @@ class Collection:
             rankings[name] = [((searchable[h.segment], h.row), h.score) for h in hits]
             timings[name] = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        if len(rankings) == 1:
-            fused = next(iter(rankings.values()))
-        elif fusion == "rrf":
-            fused = reciprocal_rank(rankings, self.settings.rrf_k, self.settings.fusion_weights or None)
-        elif fusion == "weighted":
-            fused = weighted_scores(rankings, self.settings.fusion_weights or None)
-        else:
-            raise InvalidArgument(f"unknown fusion {fusion!r}; choose rrf or weighted")
+        fused = fuse(fusion, rankings, self.settings.rrf_k, self.settings.fusion_weights)
         timings["fusion"] = (time.perf_counter() - start) * 1000
         hits = [SearchHit(snapshot.segments[s].ids[r], score, snapshot.segments[s].document(r))
                 for (s, r), score in fused[:k]]

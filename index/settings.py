@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidArgument
 from .filters import check_schema
+from .fusion import FUSIONS
 
 RETRIEVER_NAMES = ("dense", "bm25", "impact", "multivector")
-FUSIONS = ("rrf", "weighted")
 QUALITY_ESTIMATORS = ("none", "unique_terms", "lm_divergence", "embedding_norm", "supervised")
 COMPRESSIONS = ("none", "pq", "residual")
 

@@ -41,7 +41,7 @@ def collection(tmp_path_factory, docs):
 
 def search(collection, text, k=10, names=("dense", "bm25", "multivector"), filter=None):
     queries = {n: collection.encode_queries(n, [text])[0] for n in names}
-    return collection.search(queries, k, filter=filter).hits
+    return collection.search(queries, k, filter=collection.filter(filter) if filter else None).hits
 
 
 def matching(docs, test):
@@ -124,7 +124,7 @@ def test_delete_by_filter_get_by_id_and_snapshots(tmp_path, docs):
     collection = Collection.create(tmp_path / "c", CollectionSettings(indexes=("bm25",), filterable=FILTERABLE))
     collection.upsert(docs)
     generation = collection.copy_to(tmp_path / "backup")  # before the delete
-    deleted, _ = collection.delete_matching({"must": [{"field": "tenant", "match": "globex"}]})
+    deleted, _ = collection.delete_matching(collection.filter({"must": [{"field": "tenant", "match": "globex"}]}))
     assert deleted == len(matching(docs, lambda m: m["tenant"] == "globex"))
     found, missing, _ = collection.get_many([docs[0].id, docs[1].id, "nope"])
     assert [d.id for d in found] == [docs[0].id] and missing == [docs[1].id, "nope"]  # docs[1] was globex
@@ -234,7 +234,7 @@ def test_filtered_hnsw_search_is_exact_when_the_filter_is_selective(tmp_path, do
     for spec, test in (({"must": [{"ids": [d.id for d in docs[:6]]}]}, lambda d: d.id in {x.id for x in docs[:6]}),
                        CASES["keyword"]):
         allowed = [i for i, d in enumerate(docs) if (test(d) if spec.get("must", [{}])[0].get("ids") else test(d.metadata))]
-        hits = collection.search({"dense": query}, 5, filter=spec).hits
+        hits = collection.search({"dense": query}, 5, filter=collection.filter(spec)).hits
         assert len(hits) == min(5, len(allowed)) and {h.id for h in hits} <= {docs[i].id for i in allowed}
         if len(allowed) <= len(docs) // 10:  # selective: exact
             truth = np.sort(np.asarray(vectors[allowed]) @ query)[::-1][:5]
