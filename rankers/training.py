@@ -1,4 +1,4 @@
-"""Training Sieve's pruning reranker on CPU: data, losses, a time-bounded loop, and the artifact.
+"""Training Sieve's pruning reranker on CPU: data, losses, a time-bounded loop, and the command line.
 
 Data (never a test split): SciFact train claims with their judged abstracts; weak supervision from
 the SciFact corpus (a title as the query for its abstract, a sentence as the query for the rest of
@@ -18,7 +18,6 @@ packaged weights.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import re
@@ -33,8 +32,9 @@ from tqdm import tqdm
 
 from sieve.index.beir import cache_dir, load_beir, passage_text
 
+from .artifact import base_model, load_artifact, save_artifact
+from .calibration import calibrate, split_train_queries
 from .first_stage import SCIFACT_DIR as SCIFACT, FirstStage
-
 
 
 @dataclass
@@ -48,14 +48,6 @@ def teacher_scores(candidates, rows: list[int], bm25_extra: dict | None = None) 
     """Dense cosine and max-normalised BM25, summed: a score whose margins the first stage believes."""
     top_bm25 = float(candidates.bm25.max()) or 1.0
     return [float(10 * candidates.dense[r] + 5 * candidates.bm25[r] / top_bm25) for r in rows]
-
-
-def split_train_queries(query_ids, seed: int = 13, dev_size: int = 100) -> tuple[list[str], list[str]]:
-    """Train query ids, split into (train, dev); dev tunes fusion and pruning margins."""
-    ids = sorted(query_ids)
-    random.Random(seed).shuffle(ids)
-    dev_size = min(dev_size, len(ids) // 5)  # small folders keep most queries for training
-    return ids[dev_size:], ids[:dev_size]
 
 
 def build_groups(first_stage: FirstStage, corpus: dict, queries: dict, qrels: dict, group_size: int = 8,
@@ -178,125 +170,6 @@ def train(model, tokenizer, groups: list[Group], minutes: float, trainable_top: 
     return stats()
 
 
-def save_artifact(model, out: Path, config: dict, base: dict) -> None:
-    """Only what training changed over the packaged weights `base` (a BERT state dict): each trained
-    matrix as an int8 delta with a scale per row (a fine-tune moves weights by a few percent, so the
-    rounding error is a few ten-thousandths of a weight), the trained vectors in fp16, the heads, a config."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    trained = set(config["training"]["trainable_layers"])
-    weights = {}
-    for name, p in model.bert.named_parameters():
-        if not (name.startswith("encoder.layer.") and int(name.split(".")[2]) + 1 in trained):
-            continue
-        if p.ndim == 2:
-            delta = p.detach().float() - base[name].float()
-            scale = delta.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
-            weights[f"bert.{name}.delta_int8"] = torch.round(delta / scale).to(torch.int8).contiguous()
-            weights[f"bert.{name}.delta_scale"] = scale.contiguous()
-        else:
-            weights[f"bert.{name}"] = p.detach().half().contiguous()
-    weights.update({f"heads.{name}": p.detach().float().contiguous() for name, p in model.heads.named_parameters()})
-    save_file(weights, str(out / "weights.safetensors"))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-PRUNING_CANDIDATES = ((1, 2, 3, 4, 5), (1, 3, 5), (2, 4), (1, 3), (1, 2), (2, 3), (1,), (2,), (3,))
-HEAD_COST = 0.03  # measured: a checkpoint head scores a row for about 3% of a layer's work
-
-
-def pruning_frontier(layer_scores: list, margins_by_recall: dict, k: int = 10) -> list[dict]:
-    """Simulate every checkpoint set of PRUNING_CANDIDATES with every per-layer choice of calibrated
-    margin; keep the settings no other beats on both speedup and top-k overlap with the unpruned ranking."""
-    from .reranker import simulate_pruning
-
-    layer_scores = [np.asarray(s, dtype=np.float32) for s in layer_scores]
-    full_rows = sum(s.size for s in layer_scores)
-    full_tops = [set(np.argsort(-s[-1], kind="stable")[:k].tolist()) for s in layer_scores]
-    recalls = sorted(margins_by_recall)
-    settings = []
-    for checkpoints in PRUNING_CANDIDATES:
-        if not all(str(c) in margins_by_recall[recalls[0]] for c in checkpoints):
-            continue
-        for chosen in itertools.product(recalls, repeat=len(checkpoints)):
-            margins = {c: margins_by_recall[r][str(c)] for c, r in zip(checkpoints, chosen)}
-            rows, overlap = 0.0, 0.0
-            for scores, full in zip(layer_scores, full_tops):
-                survivors, order, run = simulate_pruning(scores, k, checkpoints, margins)
-                rows += run + HEAD_COST * sum(survivors[:-1])
-                overlap += len(full & set(order[:k].tolist())) / len(full)
-            settings.append({"checkpoints": list(checkpoints), "recalls": dict(zip(map(str, checkpoints), chosen)),
-                             "margins": {str(c): m for c, m in margins.items()}, "speedup": round(full_rows / rows, 3),
-                             "top10_overlap": round(overlap / len(layer_scores), 4)})
-    settings.sort(key=lambda s: (-s["top10_overlap"], -s["speedup"]))
-    frontier, fastest = [], 0.0
-    for setting in settings:  # by falling overlap: keep each that is faster than every safer one
-        if setting["speedup"] > fastest:
-            frontier.append(setting)
-            fastest = setting["speedup"]
-    return frontier
-
-
-def cheapest_setting(frontier: list[dict], min_overlap: float) -> dict | None:
-    """The fastest frontier setting whose dev top-k overlap is at least `min_overlap` (None: none is)."""
-    safe = [s for s in frontier if s["top10_overlap"] >= min_overlap]
-    return max(safe, key=lambda s: s["speedup"]) if safe else None
-
-
-def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: dict, qrels: dict, depth: int = 30,
-              k: int = 10, recalls=(0.9, 0.95, 0.98, 0.99, 0.995), dev_queries: int = 100,
-              min_overlap: float = 0.98) -> dict:
-    """On held-out SciFact train queries: per-layer pruning margins, the default pruning setting, and the
-    first-stage fusion weight.
-
-    A layer's margin for recall r is how far below that layer's k-th best score a member of the final
-    top-k may fall and still survive, such that a share r of all final top-k members survive it. Pruning
-    settings built from these margins are then simulated on the same scores (exact: a candidate's score
-    does not depend on the others); the default is the cheapest whose top-k overlap with the unpruned
-    ranking is at least `min_overlap`. The fusion weight (> 0) maximises dev nDCG@10 of the reranker's
-    final scores interpolated with the RRF scores (both min-max normalised)."""
-    import ir_measures
-
-    from sieve.index.fusion import weighted_scores
-
-    _, dev = split_train_queries(queries)
-    dev = dev[:dev_queries]
-    candidates = first_stage.search([queries[q] for q in dev], depth)
-    layer_scores = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for q, cands in tqdm(list(zip(dev, candidates)), desc="calibrating", mininterval=10):
-            batch = tokenizer([queries[q]] * len(cands.ids), [passage_text(corpus[d]) for d in cands.ids],
-                              truncation="longest_first", max_length=256, padding=True, return_tensors="pt")
-            layer_scores.append(model(dict(batch)).float())
-    needed = {layer: [] for layer in model.checkpoint_layers[:-1]}
-    for scores in layer_scores:
-        top = torch.argsort(scores[-1], descending=True)[:k]
-        for i, layer in enumerate(model.checkpoint_layers[:-1]):
-            kth = torch.sort(scores[i], descending=True).values[k - 1]
-            needed[layer].extend((kth - scores[i][top]).tolist())
-    margins = {str(r): {str(layer): max(0.0, float(np.quantile(v, r, method="higher"))) for layer, v in needed.items()}
-               for r in recalls}
-
-    frontier = pruning_frontier(layer_scores, margins, k)
-    chosen = cheapest_setting(frontier, min_overlap) or {"checkpoints": [], "margins": {}, "speedup": 1.0}
-
-    qrel_list = [ir_measures.Qrel(q, d, r) for q in dev for d, r in qrels[q].items()]
-    by_weight = {}
-    for weight in np.round(np.arange(0, 1.01, 0.1), 2):
-        run = []
-        for q, cands, scores in zip(dev, candidates, layer_scores):
-            fused = weighted_scores({"reranker": list(zip(cands.ids, scores[-1].tolist())),
-                                     "first": list(zip(cands.ids, cands.rrf))},
-                                    {"reranker": float(weight), "first": float(1 - weight)})
-            run += [ir_measures.ScoredDoc(q, d, float(s)) for d, s in fused]
-        by_weight[float(weight)] = ir_measures.calc_aggregate([ir_measures.nDCG @ 10], qrel_list, run)[ir_measures.nDCG @ 10]
-    with_reranker = {w: v for w, v in by_weight.items() if w > 0}  # weight 0 is the first stage alone
-    return {"margins_by_recall": margins, "pruning_frontier": frontier, "pruning": chosen,
-            "dev_ndcg10_by_fusion_weight": by_weight, "fusion_weight": max(with_reranker, key=with_reranker.get),
-            "dev_queries": len(dev), "dev_depth": depth}
-
-
 def train_reranker(data_dir: str | Path, out_dir: str | Path) -> None:
     """`sieve train reranker --data DIR --out DIR`: the default recipe on a BEIR folder's train split."""
     main(["--data", str(data_dir), "--out", str(out_dir)])
@@ -327,8 +200,6 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{folder} is not a reranker artifact (weights.safetensors and config.json expected)")
     torch.set_num_threads(args.threads)
     dense_cache = cache_dir("reranker") / f"{args.data.name}_dense.npy"
-    from .reranker import base_model, load_artifact
-
     corpus, queries, qrels = load_beir(args.data, "train")
     first_stage = FirstStage(corpus, cache=dense_cache)
 

@@ -10,8 +10,8 @@ import torch
 from sieve.index.beir import load_beir, passage_text
 from sieve.index.errors import InvalidArgument
 from sieve.rankers import PruningOptions, RerankResult, load_reranker
+from sieve.rankers.calibration import split_train_queries
 from sieve.rankers.first_stage import SCIFACT_DIR
-from sieve.rankers.training import split_train_queries
 
 QUERY = "Aspirin reduces the risk of myocardial infarction."
 
@@ -86,7 +86,7 @@ def test_rerank_many_matches_one_at_a_time(reranker, passages):
 def test_simulated_pruning_is_what_the_reranker_does(reranker, passages, checkpoints, margins):
     """Calibration chooses settings by simulating them on unpruned per-layer scores; that is only sound
     if the reranker, pruning for real, keeps the same candidates and orders them the same way."""
-    from sieve.rankers.reranker import simulate_pruning
+    from sieve.rankers.pruning import simulate_pruning
 
     batch = reranker.encode(QUERY, passages)
     with torch.inference_mode():

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from sieve.index.beir import load_beir
 from sieve.rankers import load_reranker
-from sieve.rankers.reranker import base_model
-from sieve.rankers.training import main as train_main, pruning_frontier, save_artifact
+from sieve.rankers.artifact import base_model, save_artifact
+from sieve.rankers.calibration import pruning_frontier
+from sieve.rankers.training import main as train_main
 
 from conftest import dataset
 
