@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .analysis import analyze
 from .documents import Document
-from .lexical import BM25Retriever, SparseRows, analyze
+from .lexical import BM25Retriever, SparseRows
 from .settings import CollectionSettings
 from .term_weights import term_weight_model
 

@@ -6,27 +6,16 @@ rows of every segment at query time, so deletes and new segments never leave BM2
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-import Stemmer
-from bm25s.stopwords import STOPWORDS_EN
 
+from .analysis import analyze
 from .documents import Document
 from .retriever import Hit, Retriever, top_hits
-
-_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default token pattern
-_STOPWORDS = frozenset(STOPWORDS_EN)
-_stemmer = Stemmer.Stemmer("english")
-
-
-def analyze(text: str) -> list[str]:
-    """Lower-case words of two or more characters, English stop words removed, Snowball-stemmed."""
-    return _stemmer.stemWords([t for t in _TOKEN.findall(text.lower()) if t not in _STOPWORDS])
 
 
 @dataclass

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .analysis import analyze
 from .beir import load_beir, passage_text, relevant
 from .documents import Document
 from .encoders import loaded_once
 from .errors import InvalidArgument
-from .lexical import analyze
 from .settings import CollectionSettings
 from .term_weights import (
     ARTIFACTS, BackboneWithHead, freeze_embeddings, load_artifact, load_tokenizer,

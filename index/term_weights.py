@@ -1,7 +1,7 @@
 """DeepCT-style learned term weights (Dai & Callan, 2019; HDCT, 2020) on the 2-layer SPLADE-tiny BERT.
 
 A linear head over the contextual output of every word piece regresses how important the word is
-to its passage. Weights are read per *analysed term* (lexical.analyze: the same stems BM25 indexes):
+to its passage. Weights are read per *analysed term* (analysis.analyze: the same stems BM25 indexes):
 the text is split into the analyser's words, the tokenizer's word mapping takes each word's largest
 piece weight, and a term's weight in the passage is the sum over its occurrences, so it replaces
 term frequency in BM25 (DeepCT's recipe). Passages longer than the window are read in overlapping
@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .analysis import analyze, words_and_terms
 from .beir import load_beir, passage_text, relevant
-from .errors import InvalidArgument
 from .encoders import loaded_once
-from .lexical import _STOPWORDS, _TOKEN, _stemmer, analyze
+from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,6 @@ def save_artifact(model: nn.Module, directory: Path, config: dict) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
-# Data ---------------------------------------------------------------------------------------------
-# Words and terms ----------------------------------------------------------------------------------
-def words_and_terms(text: str) -> tuple[list[str], list[str | None]]:
-    """The analyser's words (stop words kept for context) and each word's indexed term, or None."""
-    words = _TOKEN.findall(text.lower())
-    stems = _stemmer.stemWords(words)
-    return words, [None if w in _STOPWORDS else s for w, s in zip(words, stems)]
-
-
 class BackboneWithHead(nn.Module):
     """SPLADE-tiny's BERT and one linear output: per token (term weights) or pooled (quality)."""
 
@@ -119,6 +110,7 @@ class BackboneWithHead(nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+# Term weights: the model over analysed words ------------------------------------------------------
 class TermWeighter(BackboneWithHead):
     def forward(self, input_ids, attention_mask):
         return self.head(self.hidden(input_ids, attention_mask)).squeeze(-1)

@@ -100,7 +100,7 @@ def test_bm25_matches_bm25s_scores(tmp_path, adi):
     collection = Collection.create(tmp_path / "c", CollectionSettings(indexes=("bm25",)))
     collection.upsert(adi[:41])
     collection.upsert(adi[41:])
-    from sieve.index.lexical import analyze
+    from sieve.index.analysis import analyze
 
     retriever = bm25s.BM25(k1=0.9, b=0.4, method="lucene")
     retriever.index([analyze(d.content) for d in adi], show_progress=False)

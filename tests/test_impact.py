@@ -4,10 +4,10 @@ from collections import defaultdict
 
 import pytest
 
+from sieve.index.analysis import analyze
 from sieve.index.collection import Collection
 from sieve.index.documents import Document
 from sieve.index.errors import InvalidArgument
-from sieve.index.lexical import analyze
 from sieve.index.settings import CollectionSettings
 from sieve.index.term_weights import term_weight_model
 
