@@ -4,14 +4,14 @@ Ingestion flows one way: documents -> quality pruning -> encoding by every index
 directory -> a new manifest. Only the last step changes what searches see, and it is a rename, so a
 crash at any point leaves the previous generation intact. Deletes and replacements are tombstones
 (segment, row); external ids never shift. Compaction rewrites live rows into one segment without
-re-encoding anything.
+re-encoding anything. Segments are segment.py's, manifests and snapshots manifest.py's, and
+rebuilding a damaged collection is repair.py's.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -23,153 +23,21 @@ import numpy as np
 
 from .documents import Document, validate_batch
 from .errors import CorruptIndex, InvalidArgument, NotFound, ReadOnly
-from .filters import Filter, check_metadata, read_columns, write_columns
+from .filters import Filter, check_metadata
 from .fusion import fuse
+from .manifest import MANIFESTS_KEPT, Snapshot, manifest_number, read_manifest, read_settings
 from .registry import make_retrievers
+from .repair import QUARANTINE, RepairReport  # noqa: F401 (RepairReport: callers import it from here)
+from .segment import SEGMENT_NAME, PreparedBatch, Segment, write_segment
 from .settings import CollectionSettings
-from .storage import (TEMPORARY_PREFIX, describe_files, file_checksum, fsync_dir, remove_temporary, row_checksum,
-                      seal, storage_errors, unseal, verify_files, write_atomically)
+from .storage import TEMPORARY_PREFIX, fsync_dir, remove_temporary, seal, storage_errors, write_atomically
 
 log = logging.getLogger(__name__)
 
-MANIFESTS_KEPT = 2  # the newest, and the one before it to fall back to if the newest is damaged
 FUSION_DEPTH = 100  # each retriever's list length before fusion
 AUTO_COMPACT_SEGMENTS = 32
 AUTO_COMPACT_DELETED_RATIO = 0.3
-SEGMENT_NAME = re.compile(r"seg-\d{20}(-salvaged)*")
-MANIFEST_KEYS = {"generation", "segments", "deleted", "committed_at"}
-QUARANTINE = "quarantine"  # damaged files a repair moved aside; Sieve never deletes them
 EVALUATION_FILE = "evaluation.json"  # the last measured reranking run (`sieve evaluate`)
-
-
-def read_manifest(path: Path, label: str) -> dict:
-    """A manifest whose checksum and every field check out, or CorruptIndex naming what is wrong."""
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise CorruptIndex(f"{label}: cannot be read ({error.strerror})") from None
-    manifest = unseal(raw, label)
-
-    def check(condition: bool, what: str) -> None:
-        if not condition:
-            raise CorruptIndex(f"{label}: {what}")
-
-    check(set(manifest) >= {"generation", "segments", "deleted"}, "a field is missing")
-    check(set(manifest) <= MANIFEST_KEYS, f"unknown field(s) {sorted(set(manifest) - MANIFEST_KEYS)}")
-    check(type(manifest["generation"]) is int and manifest["generation"] >= 0, "'generation' is not a number >= 0")
-    segments, deleted = manifest["segments"], manifest["deleted"]
-    check(isinstance(segments, list) and all(isinstance(n, str) and SEGMENT_NAME.fullmatch(n) for n in segments)
-          and len(set(segments)) == len(segments), "'segments' is not a list of distinct segment names")
-    check(isinstance(deleted, dict) and set(deleted) <= set(segments)
-          and all(isinstance(rows, list) and all(type(r) is int and r >= 0 for r in rows) for rows in deleted.values()),
-          "'deleted' is not a mapping of its segments to row numbers")
-    return manifest
-
-
-def manifest_number(path: Path) -> int:
-    return int(path.stem.split("-")[1])
-
-
-class Segment:
-    """An immutable batch of documents: stored text, ids, and each retriever's part. Every file is
-    verified against its recorded size and checksum when the segment is opened."""
-
-    def __init__(self, directory: Path, retrievers: dict, label: str, filterable: dict):
-        self.directory = directory
-        self.name = directory.name
-        self.label = label  # the folder, relative to the data directory: messages name no server path
-        try:
-            meta = unseal((directory / "meta.json").read_bytes(), f"{label}/meta.json")
-            verify_files(directory, meta["files"], label)
-            self.bytes = sum(r if isinstance(r, int) else r["bytes"] for r in meta["files"].values())
-            self.indexed: int = meta["indexed"]  # rows [0, indexed) are searchable, the rest were pruned
-            self.replaces: list[str] = meta.get("replaces", [])  # segments a compaction rewrote into this one
-            self.ids: list[str] = json.loads((directory / "ids.json").read_text())
-            self.offsets = np.load(directory / "offsets.npy")
-            quality = directory / "quality.npy"
-            self.quality = np.load(quality) if quality.exists() else None
-            self._docs = open(directory / "docs.jsonl", "rb")
-            if len(self.ids) != len(self.offsets) - 1 or self.offsets[-1] != os.fstat(self._docs.fileno()).st_size:
-                raise CorruptIndex(f"{label}/docs.jsonl: size does not match its offsets (truncated?)")
-            # A segment whose every passage was pruned has no index parts, only stored documents.
-            self.parts = {name: r.open(directory) for name, r in retrievers.items()} if self.indexed else {}
-            self.columns = read_columns(directory, filterable, label)  # the metadata filters read
-        except CorruptIndex:
-            raise
-        except Exception as error:  # any unreadable file names itself, relative to the data directory
-            detail = f"{type(error).__name__}: {error}".replace(str(directory), label)
-            raise CorruptIndex(f"{label} cannot be read: {detail}") from None
-        self._read_lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def document(self, row: int) -> Document:
-        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
-        with self._read_lock:
-            self._docs.seek(start)
-            raw = self._docs.read(end - start)
-        try:
-            return Document.from_json(json.loads(raw))
-        except Exception as error:  # changed on disk after it was verified
-            raise CorruptIndex(f"{self.label}/docs.jsonl: row {row} cannot be read ({error})") from None
-
-    def close(self) -> None:
-        self._docs.close()
-
-    @staticmethod
-    def write(directory: Path, docs: list[Document], indexed: int, encoded: dict[str, Any],
-              retrievers: dict, quality: np.ndarray | None, filterable: dict, replaces: list[str] = ()) -> None:
-        directory.mkdir(parents=True)
-        offsets, checksums = [0], []
-        with open(directory / "docs.jsonl", "wb") as f:
-            for doc in docs:
-                line = json.dumps(doc.to_json(), ensure_ascii=False).encode()
-                f.write(line + b"\n")
-                offsets.append(f.tell())
-                checksums.append(row_checksum(line))
-        np.save(directory / "offsets.npy", np.asarray(offsets, "int64"))
-        # One checksum a row: a repair can tell each intact document of a damaged segment from a changed one.
-        np.save(directory / "rows.xxh3.npy", np.asarray(checksums, "uint64"))
-        (directory / "ids.json").write_text(json.dumps([doc.id for doc in docs]))
-        if quality is not None:
-            np.save(directory / "quality.npy", quality.astype("float32"))
-        if indexed:
-            for name, retriever in retrievers.items():
-                retriever.write(directory, encoded[name])
-        write_columns(directory, [doc.metadata for doc in docs], filterable)
-        meta = {"indexed": indexed, "documents": len(docs), "files": describe_files(directory),
-                "replaces": list(replaces)}
-        (directory / "meta.json").write_bytes(seal(meta))
-        for path in directory.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(directory)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What one search sees: a generation's segments and their tombstones. Never mutated."""
-
-    generation: int
-    segments: tuple[Segment, ...]
-    deleted: tuple[np.ndarray, ...]  # sorted deleted rows, per segment
-    id_map: dict[str, tuple[int, int]]  # external id -> (segment position, row), live only
-
-    @property
-    def searchable(self) -> list[int]:
-        """Positions of the segments that have index parts (not every passage pruned)."""
-        return [i for i, s in enumerate(self.segments) if s.indexed]
-
-    def parts(self, name: str) -> list:
-        return [self.segments[i].parts[name] for i in self.searchable]
-
-    def searchable_deleted(self) -> list[np.ndarray]:
-        return [self.deleted[i][self.deleted[i] < self.segments[i].indexed] for i in self.searchable]
-
-    @property
-    def live_indexed(self) -> int:
-        return sum(1 for seg, row in self.id_map.values() if row < self.segments[seg].indexed)
 
 
 @dataclass
@@ -194,16 +62,6 @@ class SearchResult:
 
 
 @dataclass
-class PreparedBatch:
-    """A batch after the costly stages, ready to commit."""
-
-    documents: list[Document]  # kept first, then pruned
-    indexed: int
-    encoded: dict[str, Any]
-    quality: np.ndarray | None
-
-
-@dataclass
 class Health:
     """Whether the newest generation is served; what is damaged, kept and moved aside, by relative path."""
 
@@ -217,40 +75,6 @@ class Health:
         return "degraded" if self.problems else "ok"
 
 
-@dataclass
-class RepairReport:
-    restored_segments: list[str]
-    salvaged_documents: int
-    lost_documents: int
-    quarantined: list[str]
-    note: str
-
-
-def read_settings(directory: Path) -> CollectionSettings:
-    path = directory / "settings.json"
-    label = str(path.relative_to(directory.parent))
-    try:
-        return CollectionSettings.from_dict(unseal(path.read_bytes(), label))
-    except OSError as error:
-        raise CorruptIndex(f"{label}: cannot be read ({error.strerror})") from None
-    except InvalidArgument as error:
-        raise CorruptIndex(f"{label}: {error}") from None
-
-
-def write_segment(folders: Path, name: str, batch: PreparedBatch, retrievers: dict, filterable: dict, label,
-                  replaces: tuple[str, ...] = ()) -> Segment:
-    """Written aside, renamed into place, opened (and so verified); nothing is left behind on failure."""
-    tmp, final = folders / f"{TEMPORARY_PREFIX}{name}", folders / name
-    try:
-        Segment.write(tmp, batch.documents, batch.indexed, batch.encoded, retrievers, batch.quality, filterable,
-                      replaces)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Segment(final, retrievers, label(final), filterable)
-
-
 class Collection:
     def __init__(self, directory: Path, settings: CollectionSettings, read_only: bool = False):
         self.directory = directory
@@ -261,7 +85,6 @@ class Collection:
         self._write_lock = threading.Lock()
         self.health = Health()
         self.snapshot = self._load()
-        self.evaluation = self._read_evaluation()
 
     def _label(self, path: Path) -> str:
         return str(path.relative_to(self.directory.parent))
@@ -309,7 +132,7 @@ class Collection:
                         folder = self.directory / "segments" / name
                         tried[name] = Segment(folder, self.retrievers, self._label(folder), self.settings.filterable)
                     segments.append(tried[name])
-                snapshot = self._snapshot(manifest, segments)
+                snapshot = Snapshot.from_manifest(manifest, segments)
             except Exception as error:  # any failure: this generation is unusable, the server stays up
                 reason = str(error) if isinstance(error, CorruptIndex) else f"{type(error).__name__}: {error}"
                 problems.append(reason if reason.startswith(label) else f"{label}: {reason}")
@@ -334,20 +157,6 @@ class Collection:
             return snapshot
         raise CorruptIndex("; ".join(problems) or f"{self.name}: no manifest")
 
-    @staticmethod
-    def _snapshot(manifest: dict, segments: list[Segment]) -> Snapshot:
-        deleted = tuple(np.array(sorted(manifest["deleted"].get(s.name, [])), "int64") for s in segments)
-        for segment, gone in zip(segments, deleted):
-            if len(gone) and gone[-1] >= len(segment):
-                raise CorruptIndex(f"tombstone row {gone[-1]} is beyond {segment.label} ({len(segment)} rows)")
-        id_map: dict[str, tuple[int, int]] = {}
-        for position, (segment, gone) in enumerate(zip(segments, deleted)):
-            dead = set(gone.tolist())
-            for row, doc_id in enumerate(segment.ids):
-                if row not in dead:
-                    id_map[doc_id] = (position, row)
-        return Snapshot(manifest["generation"], tuple(segments), deleted, id_map)
-
     def _remove_orphans(self, kept: int = MANIFESTS_KEPT) -> None:
         """Segments no kept manifest names (a crash before the commit, or compacted away) are deleted;
         nothing is, if any kept manifest cannot be read."""
@@ -371,8 +180,9 @@ class Collection:
             log.error("collection %s: cleanup after generation %d failed, retried after the next commit: %s",
                       self.name, self.snapshot.generation, error)
 
-    def _read_evaluation(self) -> dict | str | None:
-        """The last measured reranking run: its figures, None if never measured, or why it cannot be read."""
+    def evaluation(self) -> dict | str | None:
+        """The last measured reranking run: its figures, None if never measured, or why it cannot be read.
+        Read each time (a small file, off the event loop): `sieve evaluate` writes it from another process."""
         path = self.directory / EVALUATION_FILE
         try:
             figures = json.loads(path.read_text())
@@ -388,11 +198,9 @@ class Collection:
         """A side record beside the index (replicas write it too: `sieve evaluate` opens read-only)."""
         with storage_errors(self.directory.parent):
             write_atomically(self.directory / EVALUATION_FILE, json.dumps(figures, indent=2).encode())
-        self.evaluation = figures
 
     def refresh(self) -> bool:
         """Read-only replicas: switch to a newer generation written by the writer, if there is one."""
-        self.evaluation = self._read_evaluation()
         newest = self._manifests()
         if not newest or manifest_number(newest[0]) <= self.snapshot.generation:
             return False
@@ -429,12 +237,12 @@ class Collection:
                 write_atomically(path, seal(manifest))
             except BaseException:
                 if path.exists():  # committed; only the folder's fsync failed
-                    self.snapshot = self._snapshot(manifest, segments)
+                    self.snapshot = Snapshot.from_manifest(manifest, segments)
                 elif segment is not None:  # renamed into place but never named by a manifest
                     segment.close()
                     shutil.rmtree(segment.directory, ignore_errors=True)
                 raise
-        self.snapshot = self._snapshot(manifest, segments)
+        self.snapshot = Snapshot.from_manifest(manifest, segments)
         self._tidy(kept)
         return self.snapshot
 
@@ -446,10 +254,12 @@ class Collection:
                              self.settings.filterable, self._label, replaces)
 
     # Writing -----------------------------------------------------------------------------------
-    def prepare(self, docs: list[Document], prune: bool = True, progress: bool = False) -> PreparedBatch:
-        """Quality pruning, then encoding by every index: the costly part, outside the write lock."""
+    def prepare(self, docs: list[Document], prune: bool = True, progress: bool = False,
+                max_docs: int | None = None, max_chars: int | None = None) -> PreparedBatch:
+        """Validation (once, with the caller's limits), quality pruning, then encoding by every index: the
+        costly part, outside the write lock."""
         self._check_writable()
-        validate_batch(docs)
+        validate_batch(docs, max_docs, max_chars)
         for doc in docs:
             check_metadata(doc.metadata, self.settings.filterable, doc.id)
         kept, pruned, quality = docs, [], None
@@ -698,154 +508,3 @@ def _link_or_copy(source: str, target: str) -> None:
         os.link(source, target)
     except OSError:  # another file system, or one without hard links
         shutil.copy2(source, target)
-
-
-def _salvage(folder: Path) -> tuple[dict[int, Document], int, int | None, tuple[str, ...]]:
-    """What of a damaged segment is still intact: ({row: document}, rows in all, rows indexed (None:
-    unknown), segments it replaced). A row is intact when docs.jsonl as a whole still has its recorded
-    checksum, or else when its own bytes match their row checksum."""
-    try:
-        meta = unseal((folder / "meta.json").read_bytes(), folder.name)
-        indexed, replaces, files = int(meta["indexed"]), tuple(meta.get("replaces", ())), meta["files"]
-    except Exception:
-        indexed, replaces, files = None, (), {}
-    try:
-        docs = (folder / "docs.jsonl").read_bytes()
-    except OSError:
-        docs = b""
-    lines = docs.split(b"\n")[:-1]  # JSON escapes newlines inside strings
-    recorded = files.get("docs.jsonl")
-    if docs and isinstance(recorded, dict) and recorded.get("xxh3") == file_checksum(folder / "docs.jsonl"):
-        checksums = [row_checksum(line) for line in lines]
-    else:
-        try:
-            checksums = np.load(folder / "rows.xxh3.npy").tolist()
-        except Exception:
-            checksums = []  # neither can be trusted: no row can be told intact
-    intact = {}
-    for row, (line, expected) in enumerate(zip(lines, checksums)):
-        if row_checksum(line) == expected:
-            try:
-                intact[row] = Document.from_json(json.loads(line))
-            except Exception:
-                pass
-    return intact, max(len(lines), len(checksums)), indexed, replaces
-
-
-def _move_aside(path: Path, quarantine: Path) -> str:
-    quarantine.mkdir(parents=True, exist_ok=True)
-    target = quarantine / path.name
-    if target.exists():
-        target = quarantine / f"{path.name}.{time.time_ns()}"
-    os.rename(path, target)
-    return target.name
-
-
-def repair(directory: Path) -> RepairReport:
-    """Rebuild a collection's manifest from what is intact on disk; damaged files are moved to
-    <collection>/quarantine, never deleted.
-
-    The base is the newest manifest that reads, with its tombstones. Segments written after its newest
-    one are added in commit order (their names are creation times; a compaction's output replaces the
-    segments it rewrote), later versions of an id replacing earlier ones as upserts do. The intact
-    documents of a damaged segment are re-encoded into a segment that takes its place in that order."""
-    root = directory.parent
-    label = lambda path: str(path.relative_to(root))  # noqa: E731
-    settings = read_settings(directory)
-    retrievers = make_retrievers(settings)
-    folders = directory / "segments"
-    quarantine = directory / QUARANTINE
-    with storage_errors(root):
-        remove_temporary(directory)
-        remove_temporary(folders)
-        manifests = sorted(directory.glob("manifest-*.json"), reverse=True)
-        on_disk = {d.name: d for d in folders.iterdir() if SEGMENT_NAME.fullmatch(d.name)}
-        readable, damaged_manifests = [], []
-        for path in manifests:
-            try:
-                readable.append((path, read_manifest(path, label(path))))
-            except CorruptIndex as error:
-                log.warning("repair %s: %s", directory.name, error)
-                damaged_manifests.append(path)
-        # The base: the newest manifest whose segments are all on disk (intact or not) and its tombstones.
-        complete = [(p, m) for p, m in readable if all(name in on_disk for name in m["segments"])]
-        base_path, base = (complete or readable or [(None, {"generation": 0, "segments": [], "deleted": {}})])[0]
-        damaged_manifests += [p for p, m in readable if m["generation"] > base["generation"] and p != base_path]
-        newer_damaged = [p for p in damaged_manifests if manifest_number(p) > base["generation"]]
-
-        newest = max(base["segments"], default="")
-        order = list(base["segments"]) + sorted(name for name in on_disk if name > newest)
-        intact: dict[str, Segment] = {}
-        salvaged: dict[str, tuple[dict[int, Document], int, int | None]] = {}
-        for name in list(order):
-            if name not in on_disk:
-                continue
-            try:
-                intact[name] = Segment(on_disk[name], retrievers, label(on_disk[name]), settings.filterable)
-                replaces = intact[name].replaces
-            except CorruptIndex as error:
-                log.warning("repair %s: %s", directory.name, error)
-                *salvaged[name], replaces = _salvage(on_disk[name])
-            order = [n for n in order if n not in replaces]
-        missing = [name for name in order if name not in on_disk]
-        lost = sum(1 for name in order if name in salvaged for row in range(salvaged[name][1])
-                   if row not in salvaged[name][0] and row not in base["deleted"].get(name, ()))
-
-        # Replay the commits: the newest version of each id is live, every earlier one a tombstone.
-        live: dict[str, tuple[str, int]] = {}
-        deleted: dict[str, list[int]] = {name: list(base["deleted"].get(name, ())) for name in order}
-        for name in order:
-            gone = set(base["deleted"].get(name, ()))
-            rows = range(len(intact[name])) if name in intact else salvaged.get(name, ({},))[0]
-            for row in rows:
-                if row in gone:
-                    continue
-                doc_id = intact[name].ids[row] if name in intact else salvaged[name][0][row].id
-                if doc_id in live:
-                    earlier, earlier_row = live[doc_id]
-                    deleted[earlier].append(earlier_row)
-                live[doc_id] = (name, row)
-
-        segments, restored, moved = [], [], []
-        salvaged_count = 0
-        for name in order:
-            if name in intact:
-                segments.append(intact[name])
-                restored += [name] if name not in base["segments"] else []
-            elif name in salvaged:
-                rows, _, indexed = salvaged[name]
-                alive = [row for row in sorted(rows) if live.get(rows[row].id) == (name, row)]
-                if alive:
-                    kept = [rows[r] for r in alive if indexed is None or r < indexed]
-                    pruned = [rows[r] for r in alive if indexed is not None and r >= indexed]
-                    encoded = {n: r.encode_documents(kept) for n, r in retrievers.items()} if kept else {}
-                    batch = PreparedBatch(kept + pruned, len(kept), encoded, None)
-                    segment = write_segment(folders, f"{name}-salvaged", batch, retrievers, settings.filterable, label)
-                    segments.append(segment)
-                    salvaged_count += len(alive)
-                    deleted[segment.name] = []
-                moved.append(label(quarantine / "segments" / _move_aside(on_disk[name], quarantine / "segments")))
-        for path in damaged_manifests:
-            moved.append(label(quarantine / _move_aside(path, quarantine)))
-
-        generation = max([base["generation"], *(manifest_number(p) for p in manifests)]) + 1
-        write_atomically(directory / f"manifest-{generation:010d}.json", seal({
-            "generation": generation,
-            "segments": [s.name for s in segments],
-            "deleted": {s.name: sorted(deleted.get(s.name, [])) for s in segments if deleted.get(s.name)},
-            "committed_at": time.time(),
-        }))
-        for segment in {id(s): s for s in [*segments, *intact.values()]}.values():
-            segment.close()
-    notes = []
-    if newer_damaged:
-        notes.append(f"deletes made after generation {base['generation']} were recorded only in a damaged "
-                     "manifest and cannot be known: send them again if there were any")
-    if missing:
-        notes.append(f"segments named by generation {base['generation']} are missing from disk: "
-                     f"{', '.join(missing)}; restore them from a backup and repair again")
-    log.warning("repaired collection %s: generation %d, %d segment(s) restored, %d document(s) salvaged, "
-                "%d lost; moved aside: %s", directory.name, generation, len(restored), salvaged_count, lost,
-                ", ".join(moved) or "nothing")
-    return RepairReport(restored, salvaged_count, lost, moved, "; ".join(notes))
-

@@ -52,7 +52,12 @@ def validate_document(doc: Document) -> None:
         raise InvalidArgument(f"document {doc.id!r} has neither title nor text")
 
 
-def validate_batch(docs: list[Document], max_docs: int | None = None) -> None:
+def stored_size(doc: Document) -> int:
+    """Characters of text, title and metadata (as stored JSON): what a per-document size limit counts."""
+    return len(doc.text) + len(doc.title) + (len(json.dumps(doc.metadata, ensure_ascii=False)) if doc.metadata else 0)
+
+
+def validate_batch(docs: list[Document], max_docs: int | None = None, max_chars: int | None = None) -> None:
     """Reject the whole batch on the first problem, so that nothing is half-written."""
     if not docs:
         raise InvalidArgument("the batch holds no documents")
@@ -64,6 +69,9 @@ def validate_batch(docs: list[Document], max_docs: int | None = None) -> None:
             validate_document(doc)
         except InvalidArgument as error:
             raise InvalidArgument(f"document {position} of the batch: {error}") from None
+        if max_chars is not None and (size := stored_size(doc)) > max_chars:
+            raise InvalidArgument(f"document {position} ({doc.id!r}) is {size} characters of text, title "
+                                  f"and metadata; the limit is {max_chars}")
         if doc.id in seen:
             raise InvalidArgument(f"document id {doc.id!r} appears twice in one batch")
         seen.add(doc.id)

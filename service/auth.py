@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from .rpc import handler_kind
+
 READ_METHODS = {
     "/sieve.v1.SearchService/Search", "/sieve.v1.SearchService/Rerank", "/sieve.v1.SearchService/SearchBatch",
     "/sieve.v1.SearchService/Get",
@@ -47,8 +49,6 @@ def _presented_key(metadata) -> str:
 def _refusal(handler, code: grpc.StatusCode, message: str):
     async def refuse(request, context):
         await context.abort(code, message)
-
-    from .server import handler_kind
 
     kind = handler_kind(handler.request_streaming, handler.response_streaming)
     return kind(refuse, request_deserializer=None, response_serializer=None)

@@ -6,37 +6,37 @@ invalidation, and the TTL removes what is left behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 
 import numpy as np
-
-from sieve.v1 import sieve_pb2 as pb
 
 from . import metrics
 from .redis_link import RedisLink
 
 
 class ResultCache:
+    """Search results as JSON, keyed by the query (with its k resolved) and the generation searched."""
+
     def __init__(self, link: RedisLink, ttl_seconds: int):
         self.link = link
         self.ttl = ttl_seconds
 
     @staticmethod
-    def key(request: pb.SearchRequest, generation: int, k: int) -> str:
-        plain = pb.SearchRequest()
-        plain.CopyFrom(request)
-        plain.k = k  # the default k and an explicit equal k share an entry
-        digest = hashlib.sha256(plain.SerializeToString(deterministic=True)).hexdigest()[:32]
-        return f"sieve:result:{request.collection}:{generation}:{digest}"
+    def key(query, generation: int) -> str:
+        plain = json.dumps(dataclasses.asdict(query), sort_keys=True, ensure_ascii=False, default=str)
+        digest = hashlib.sha256(plain.encode()).hexdigest()[:32]
+        return f"sieve:result:{query.collection}:{generation}:{digest}"
 
-    async def get(self, key: str) -> pb.SearchResponse | None:
+    async def get(self, key: str) -> dict | None:
         raw = await self.link.call("get", key)
         metrics.CACHE_REQUESTS.labels("result", "hit" if raw else "miss").inc()
-        return pb.SearchResponse.FromString(raw) if raw else None
+        return json.loads(raw) if raw else None
 
-    async def put(self, key: str, response: pb.SearchResponse) -> None:
-        await self.link.call("set", key, response.SerializeToString(), ex=self.ttl)
+    async def put(self, key: str, result: dict) -> None:
+        await self.link.call("set", key, json.dumps(result, ensure_ascii=False), ex=self.ttl)
 
 
 class EncodingCache:

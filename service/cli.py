@@ -285,39 +285,37 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    """Measure the fused first stage against first stage + reranker on judged queries; record the verdict."""
+    """Measure the fused first stage against first stage + reranker on judged queries, through the engine
+    (so exactly as the server ranks them); record the verdict."""
     import time
 
     from tqdm import tqdm
 
     from sieve.index.beir import evaluate, load_judged_queries
-    from sieve.index.collection import Collection
-    from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
 
-    from .reranking import record_evaluation
+    from .config import ServerConfig
+    from .engine import RerankOptions, SearchQuery
+    from .sync_engine import SyncEngine
 
-    collection = Collection.open(Path(args.data) / args.collection, read_only=True)
     queries, qrels = load_judged_queries(args.queries, args.split)
-    reranker = load_reranker(collection.settings.reranker)
-    options = PruningOptions(prune=not args.no_pruning)
-    names = collection.settings.search_retrievers
     first_stage, reranked = {}, {}
-    for qid, text in tqdm(queries.items(), desc=f"evaluate {args.collection}", unit="query"):
-        encoded = {name: collection.encode_queries(name, [text])[0] for name in names}
-        hits = collection.search(encoded, max(args.candidates, 100)).hits
-        first_stage[qid] = {h.id: h.score for h in hits}
-        top = hits[:args.candidates]
-        result = reranker.rerank(text, [h.document.content for h in top], 10, options)
-        ranked = list(zip(result.order, result.scores))
-        if getattr(reranker, "fusion_weight", None) is not None:  # as the server ranks them
-            ranked = fuse_with_first_stage(result, [h.score for h in top], reranker.fusion_weight)
-        reranked[qid] = {top[i].id: 1000.0 + s for i, s in ranked}
-        reranked[qid].update({h.id: h.score for h in hits[args.candidates:]})  # below every reranked one
-    before, after = evaluate(first_stage, qrels), evaluate(reranked, qrels)
-    figures = {"queries": len(queries), "split": args.split, "candidates": args.candidates,
-               "first_stage_ndcg@10": before["nDCG@10"], "reranked_ndcg@10": after["nDCG@10"],
-               "pruning": not args.no_pruning, "measured_at": time.strftime("%Y-%m-%d")}
-    record_evaluation(collection.directory, figures)
+    without = RerankOptions(enabled=False)
+    options = RerankOptions(prune=not args.no_pruning)
+    with SyncEngine(ServerConfig(data=args.data, read_only=True)) as engine:
+        engine.collection(args.collection)  # NOT_FOUND before any work
+        for qid, text in tqdm(queries.items(), desc=f"evaluate {args.collection}", unit="query"):
+            hits = engine.search(SearchQuery(args.collection, text, k=max(args.candidates, 100), rerank=without)).hits
+            first_stage[qid] = {h.id: h.score for h in hits}
+            top = hits[:args.candidates]
+            ranked = engine.rerank(text, [h.document.content for h in top], 10, options, args.collection,
+                                   first_stage=[h.score for h in top]).ranked
+            reranked[qid] = {h.id: h.score for h in hits}  # below every reranked one
+            reranked[qid].update({top[i].id: 1000.0 + s for i, s in ranked})
+        before, after = evaluate(first_stage, qrels), evaluate(reranked, qrels)
+        figures = {"queries": len(queries), "split": args.split, "candidates": args.candidates,
+                   "first_stage_ndcg@10": before["nDCG@10"], "reranked_ndcg@10": after["nDCG@10"],
+                   "pruning": not args.no_pruning, "measured_at": time.strftime("%Y-%m-%d")}
+        engine.record_evaluation(args.collection, figures)
     verdict = "ON" if after["nDCG@10"] > before["nDCG@10"] else "OFF"
     print(f"first stage nDCG@10 {before['nDCG@10']:.4f}, reranked {after['nDCG@10']:.4f}: "
           f"reranking is {verdict} by default for {args.collection!r}")

@@ -46,11 +46,11 @@ def publish(url: str, collection: str, batches: Iterable[list[Document]],
 
 
 class QueueConsumer:
-    """Runs inside the server that owns the index: read, commit, then acknowledge."""
+    """Runs inside the server that owns the index: read, commit through the engine, then acknowledge."""
 
-    def __init__(self, link: RedisLink, sieve, consumer: str | None = None, claim_idle_ms: int = CLAIM_IDLE_MS):
-        self.link = link
-        self.sieve = sieve
+    def __init__(self, engine, consumer: str | None = None, claim_idle_ms: int = CLAIM_IDLE_MS):
+        self.link: RedisLink = engine.redis
+        self.engine = engine
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.claim_idle_ms = claim_idle_ms
         self._stopping = asyncio.Event()
@@ -103,10 +103,7 @@ class QueueConsumer:
         try:
             name = fields["collection"].decode() if isinstance(fields["collection"], bytes) else fields["collection"]
             docs = [Document.from_json(d) for d in json.loads(fields["documents"])]
-            collection = self.sieve.collection(name)
-            prepared = await asyncio.to_thread(collection.prepare, docs)
-            await asyncio.to_thread(collection.commit, prepared)
-            metrics.INGESTED.labels(name).inc(len(docs))
+            await self.engine.upsert(name, docs)  # the same path, checks and limits as the Upsert RPC
         except (ResourceExhausted, Unavailable, CorruptIndex) as error:
             # A full disk, a failing volume, a collection awaiting repair: the batch is fine; retried later.
             log.error("queue entry %s not applied now (%s); it stays pending and will be retried", entry_id, error)

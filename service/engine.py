@@ -1,0 +1,465 @@
+"""The engine: Sieve's whole pipeline in plain Python types, behind every front.
+
+The gRPC servicers, the Redis queue consumer, the CLI's `evaluate`, benchmarks and notebooks (through
+SyncEngine) all call it, and nothing else runs the pipeline:
+
+    query    -> validate -> encode (micro-batched, cached) -> retrieve + fuse (index/) -> rerank -> top k
+    document -> validate -> quality pruning -> encoders -> segment -> manifest (index/)
+
+Limits come from one ServerConfig. Models run in the micro-batcher's worker threads and index work in
+worker threads: a coroutine here never blocks the event loop. Collections are named, never handed out, so
+that another implementation (a remote shard) can stand behind the same methods.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sieve.index.catalog import Catalog
+from sieve.index.collection import Collection, Health, RepairReport, SearchHit, UpsertResult
+from sieve.index.documents import Document
+from sieve.index.errors import InvalidArgument, ReadOnly, ResourceExhausted, SieveError, Unavailable
+from sieve.index.fusion import check_fusion
+from sieve.index.settings import CollectionSettings
+
+from . import metrics
+from .batcher import MicroBatcher
+from .config import ServerConfig
+from .models import check_models
+
+log = logging.getLogger("sieve.engine")
+
+SNAPSHOTS = ".snapshots"  # under the data directory; the catalog never opens what starts with a dot
+CACHED_ENCODINGS = ("dense", "multivector")  # model outputs worth sharing; word counts are cheaper to redo
+
+
+@dataclass(frozen=True)
+class RerankOptions:
+    """A request's reranking choices; what it leaves unset comes from the collection's settings."""
+
+    enabled: bool | None = None  # None: the collection's measured default (see rerank_default)
+    candidates: int = 0  # first-stage candidates reranked; 0: the collection's rerank_candidates
+    prune: bool = True  # early-exit pruning at the reranker's checkpoints
+    margin: float | None = None  # one margin at every checkpoint
+    margins: dict[int, float] = field(default_factory=dict)  # per checkpoint layer, instead of margin
+    checkpoints: tuple[int, ...] = ()
+
+    def pruning(self, settings: CollectionSettings):
+        """The reranker's PruningOptions over the collection's settings (checked before any work)."""
+        from sieve.rankers import PruningOptions
+
+        given = [*self.margins.values(), *([] if self.margin is None else [self.margin])]
+        if not all(math.isfinite(value) for value in given):
+            raise InvalidArgument("rerank margins must be finite numbers")
+        if self.margins and self.margin is not None:
+            raise InvalidArgument("set margin (every checkpoint) or margins (per layer), not both")
+        margin = None if self.margins else (settings.rerank_margin if self.margin is None else self.margin)
+        checkpoints = tuple(self.checkpoints) or tuple(settings.rerank_checkpoints) or None
+        return PruningOptions(prune=self.prune, checkpoints=checkpoints, margin=margin,
+                              margins=dict(self.margins) or None)
+
+    def depth(self, settings: CollectionSettings, k: int, limit: int) -> int:
+        candidates = self.candidates or settings.rerank_candidates
+        if not 0 < candidates <= limit:
+            raise InvalidArgument(f"rerank candidates must be within 1..{limit}, not {candidates}")
+        return max(candidates, k)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    collection: str
+    text: str
+    k: int | None = None  # None: the server's default
+    retrievers: tuple[str, ...] = ()  # empty: the collection's search retrievers
+    fusion: str = ""  # empty: the collection's fusion
+    filter: dict | None = None  # the plain form of index/filters.py
+    rerank: RerankOptions = field(default_factory=RerankOptions)
+    multivector: dict = field(default_factory=dict)  # this search's overrides of the multi-vector knobs
+
+
+@dataclass
+class SearchResult:
+    hits: list[SearchHit]  # best first, at most k
+    generation: int
+    timings_ms: dict[str, float]
+    survivors: list[int] = field(default_factory=list)  # candidates alive at each reranker checkpoint
+
+    def to_json(self) -> dict:
+        return {"hits": [{"id": h.id, "score": h.score, "document": h.document.to_json()} for h in self.hits],
+                "generation": self.generation, "timings_ms": self.timings_ms, "survivors": self.survivors}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "SearchResult":
+        hits = [SearchHit(h["id"], h["score"], Document.from_json(h["document"])) for h in obj["hits"]]
+        return cls(hits, obj["generation"], obj["timings_ms"], obj["survivors"])
+
+
+@dataclass
+class RerankResult:
+    ranked: list[tuple[int, float]]  # (passage index, score), best first, at most k
+    survivors: list[int]
+
+
+@dataclass
+class CollectionInfo:
+    name: str
+    settings: dict
+    stats: dict  # documents, deleted, pruned, segments, bytes_on_disk, generation, details
+    health: Health
+    state: str  # ok, degraded, or out of service (the collection could not be opened)
+
+
+@dataclass
+class SnapshotInfo:
+    collection: str
+    generation: int
+    path: str  # relative to the data directory: .snapshots/<folder>
+    bytes: int
+
+
+def rerank_default(collection: Collection) -> tuple[bool, str]:
+    """(on by default?, why). With `rerank` unset in its settings, a collection reranks only if `sieve
+    evaluate` measured that the reranker beats its fused first stage on judged queries. Reads a file."""
+    if collection.settings.rerank is not None:
+        return collection.settings.rerank, f"set by the collection's settings (rerank={collection.settings.rerank})"
+    figures = collection.evaluation()
+    if figures is None:
+        return False, ("off: no measured run on this collection; `sieve evaluate` turns reranking on only "
+                       "if it beats the fused first stage")
+    try:
+        on = figures["reranked_ndcg@10"] > figures["first_stage_ndcg@10"]
+        verdict = "beat" if on else "did not beat"
+        return on, (f"{'on' if on else 'off'}: the reranker {verdict} the fused first stage on "
+                    f"{figures['queries']} judged queries (nDCG@10 {figures['reranked_ndcg@10']:.4f} vs "
+                    f"{figures['first_stage_ndcg@10']:.4f}, measured {figures['measured_at']})")
+    except (KeyError, TypeError, ValueError) as error:
+        problem = figures if isinstance(figures, str) else f"the evaluation record lacks {error}"
+        return False, f"off: {problem}; run `sieve evaluate` again"
+
+
+class Engine:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.catalog: Catalog | None = None
+        self.batcher = MicroBatcher(config.max_encode_batch, config.batch_wait_ms)
+        self.searches = asyncio.Semaphore(config.max_concurrent_searches)
+        self.pending_batches = 0
+        self.queued_rerank_pairs = 0
+        self.redis = self.results = self.encodings = None
+        if config.redis_url:
+            from .cache import EncodingCache, ResultCache
+            from .redis_link import RedisLink
+
+            self.redis = RedisLink(config.redis_url, config.redis_password)
+            self.results = ResultCache(self.redis, config.cache_ttl_seconds)
+            self.encodings = EncodingCache(self.redis, config.cache_ttl_seconds)
+
+    # Life cycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open every collection of the data directory (verifying their files: can take a while)."""
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        from sieve.index.encoders import import_model_libraries
+
+        import_model_libraries()
+        catalog = Catalog(self.config.data, read_only=self.config.read_only)
+        for name in catalog.names():
+            metrics.record_collection(name, catalog.get(name).stats())
+        self.catalog = catalog
+        self.record_health()
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
+
+    async def refresh(self) -> None:
+        """Replicas: follow the generations the writer commits."""
+        await asyncio.to_thread(self._catalog().refresh)
+        for name, collection in list(self.catalog.collections.items()):
+            metrics.COLLECTION_GENERATION.labels(name).set(collection.snapshot.generation)
+
+    def record_health(self) -> None:
+        for name, collection in self.catalog.collections.items():
+            metrics.record_health(name, collection.health.state != "ok", collection.health.housekeeping_failures)
+        for name in self.catalog.broken:
+            metrics.record_health(name, True)
+
+    def _catalog(self) -> Catalog:
+        if self.catalog is None:
+            raise Unavailable("the server is still loading its collections; retry shortly")
+        return self.catalog
+
+    def collection(self, name: str) -> Collection:
+        return self._catalog().get(name)
+
+    def _writable_catalog(self, what: str) -> Catalog:
+        catalog = self._catalog()
+        if catalog.read_only:
+            raise ReadOnly(f"this replica is read-only; {what} on the writer")
+        return catalog
+
+    async def _record(self, collection: Collection) -> None:
+        """Collection gauges after a write (walking the files is I/O: off the event loop)."""
+        stats = await asyncio.to_thread(collection.stats)
+        metrics.record_collection(collection.name, stats)
+        metrics.record_health(collection.name, collection.health.state != "ok", collection.health.housekeeping_failures)
+
+    # Search ----------------------------------------------------------------------------------
+    def _check_text(self, text: str) -> None:
+        if not text.strip():
+            raise InvalidArgument("the query is empty")
+        if len(text) > self.config.max_query_chars:
+            raise InvalidArgument(f"the query is {len(text)} characters long; the limit is {self.config.max_query_chars}")
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        """Encode, retrieve with every asked retriever inside the filter, fuse, rerank, top k."""
+        collection = self.collection(query.collection)
+        settings = collection.settings
+        self._check_text(query.text)
+        k = self.config.default_k if query.k is None else query.k
+        if not 1 <= k <= self.config.max_k:
+            raise InvalidArgument(f"k must be within 1..{self.config.max_k}, not {k}")
+        names = collection.check_retrievers(query.retrievers)
+        if query.fusion:
+            check_fusion(query.fusion)
+        admitted = collection.filter(query.filter) if query.filter else None
+        rerank = query.rerank.enabled
+        if rerank is None:
+            rerank = (await asyncio.to_thread(rerank_default, collection))[0]
+        depth = query.rerank.depth(settings, k, self.config.max_rerank_passages) if rerank else k
+        pruning = query.rerank.pruning(settings) if rerank else None
+        cache_key = None
+        if self.results is not None:
+            cache_key = self.results.key(dataclasses.replace(query, k=k), collection.snapshot.generation)
+            if (cached := await self.results.get(cache_key)) is not None:
+                return SearchResult.from_json(cached)
+        async with self.searches:
+            start = time.perf_counter()
+            encoded = dict(zip(names, await asyncio.gather(*(self._encode(collection, n, query.text) for n in names))))
+            encode_ms = (time.perf_counter() - start) * 1000
+            found = await asyncio.to_thread(collection.search, encoded, depth, query.fusion,
+                                            {"multivector": query.multivector}, admitted)
+            result = SearchResult(found.hits, found.generation, {"encode": encode_ms, **found.timings_ms})
+            if rerank and found.hits:
+                start = time.perf_counter()
+                reranked = await self._rerank(settings.reranker, query.text, [h.document.content for h in found.hits],
+                                              k, pruning, first_stage=[h.score for h in found.hits])
+                result.hits = [dataclasses.replace(found.hits[i], score=score) for i, score in reranked.ranked]
+                result.timings_ms["rerank"] = (time.perf_counter() - start) * 1000
+                result.survivors = reranked.survivors
+        result.hits = result.hits[:k]
+        for stage, ms in result.timings_ms.items():
+            metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
+        if cache_key is not None and result.generation == collection.snapshot.generation:
+            await self.results.put(cache_key, result.to_json())
+        return result
+
+    async def search_batch(self, queries: list[SearchQuery]) -> list[SearchResult]:
+        """Several searches at once: their encodings share forward passes in the micro-batcher."""
+        limit = self.config.max_batch_searches
+        if not 1 <= len(queries) <= limit:
+            raise InvalidArgument(f"a batch holds 1..{limit} searches, not {len(queries)}")
+
+        async def one(position: int, query: SearchQuery) -> SearchResult:
+            try:
+                return await self.search(query)
+            except SieveError as error:  # which search of the batch failed
+                raise type(error)(f"search {position} of the batch: {error}") from None
+
+        return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(queries))))
+
+    async def _encode(self, collection: Collection, name: str, text: str):
+        """A retriever's representation of a query: from the shared cache, or batched with concurrent ones."""
+        key = None
+        if self.encodings is not None and name in CACHED_ENCODINGS:
+            key = self.encodings.key(collection.name, name, text)
+            if (cached := await self.encodings.get(key)) is not None:
+                return cached
+        encoded = await self.batcher.submit((collection.name, name),
+                                            functools.partial(collection.encode_queries, name), text)
+        if key is not None:
+            await self.encodings.put(key, encoded)
+        return encoded
+
+    async def rerank(self, text: str, passages: list[str], k: int = 0, options: RerankOptions = RerankOptions(),
+                     collection: str = "", first_stage: list[float] | None = None) -> RerankResult:
+        """Rerank supplied passages with a collection's reranker (or the default one); k 0: all of them.
+        With first-stage scores, a reranker calibrated to mix them in interpolates the two."""
+        settings = self.collection(collection).settings if collection else CollectionSettings()
+        self._check_text(text)
+        limit = self.config.max_rerank_passages
+        if not passages:
+            raise InvalidArgument("no passages to rerank")
+        if len(passages) > limit:
+            raise InvalidArgument(f"{len(passages)} passages; the limit is {limit}")
+        if k < 0:
+            raise InvalidArgument(f"k must be >= 0 (0: all), not {k}")
+        for position, passage in enumerate(passages):
+            if not passage.strip():
+                raise InvalidArgument(f"passage {position} is empty")
+            if len(passage) > self.config.max_document_chars:
+                raise InvalidArgument(f"passage {position} is longer than {self.config.max_document_chars} characters")
+        if first_stage is not None and len(first_stage) != len(passages):
+            raise InvalidArgument(f"{len(first_stage)} first-stage scores for {len(passages)} passages")
+        k = min(k or len(passages), len(passages))
+        return await self._rerank(settings.reranker, text, passages, k, options.pruning(settings), first_stage)
+
+    async def _rerank(self, model: str, text: str, passages: list[str], k: int, pruning,
+                      first_stage: list[float] | None = None) -> RerankResult:
+        """Through the batcher, so that concurrent requests share forward passes; refused at once when the
+        queue of pairs is full (one request always runs)."""
+        from sieve.rankers import fuse_with_first_stage, load_reranker
+
+        queued = self.queued_rerank_pairs
+        if queued and queued + len(passages) > self.config.max_queued_rerank_pairs:
+            metrics.RERANK_REJECTED.inc()
+            raise ResourceExhausted(f"the reranker has {queued} query-passage pairs queued (limit "
+                                    f"{self.config.max_queued_rerank_pairs}); retry later or send fewer candidates")
+        self.queued_rerank_pairs += len(passages)
+        try:
+            reranker = await asyncio.to_thread(load_reranker, model)
+            result = await self.batcher.submit(("rerank", model), reranker.rerank_many, (text, passages, k, pruning))
+        finally:
+            self.queued_rerank_pairs -= len(passages)
+        checkpoints = [0, *(pruning.checkpoints or getattr(reranker, "default_checkpoints", ()))]
+        for layer, alive in zip(checkpoints, result.survivors):
+            metrics.RERANK_SURVIVORS.labels(str(layer)).observe(alive)
+        weight = getattr(reranker, "fusion_weight", None)
+        if first_stage is not None and weight is not None:
+            return RerankResult(fuse_with_first_stage(result, first_stage, weight)[:k], result.survivors)
+        return RerankResult(list(zip(result.order, result.scores))[:k], result.survivors)
+
+    async def get(self, collection: str, ids: list[str]) -> tuple[list[Document], list[str], int]:
+        """(documents found in the order asked, ids not found, generation)."""
+        found = self.collection(collection)
+        if not 1 <= len(ids) <= self.config.max_batch_documents:
+            raise InvalidArgument(f"ask for 1..{self.config.max_batch_documents} ids, not {len(ids)}")
+        return await asyncio.to_thread(found.get_many, list(ids))
+
+    # Ingestion -------------------------------------------------------------------------------
+    async def upsert(self, collection: str, docs: list[Document], prune: bool = True) -> UpsertResult:
+        """Validate (once) -> prune -> encode -> commit; later versions of an id replace earlier ones."""
+        target = self.collection(collection)
+        if self.pending_batches >= self.config.max_pending_batches:
+            metrics.INGEST_REJECTED.labels("backpressure").inc()
+            raise ResourceExhausted(f"{self.pending_batches} batches are being ingested; retry this one later")
+        self.pending_batches += 1
+        try:
+            prepared = await asyncio.to_thread(target.prepare, docs, prune, False, self.config.max_batch_documents,
+                                               self.config.max_document_chars)
+            result = await asyncio.to_thread(target.commit, prepared)
+        finally:
+            self.pending_batches -= 1
+        metrics.INGESTED.labels(target.name).inc(len(docs))
+        log.info("%s: committed %d documents (%d pruned), generation %d", target.name, result.upserted,
+                 result.pruned, result.generation)
+        await self._record(target)
+        return result
+
+    async def delete(self, collection: str, ids: list[str]) -> tuple[int, list[str], int]:
+        """(deleted, ids not found, generation)."""
+        target = self.collection(collection)
+        deleted, missing, generation = await asyncio.to_thread(target.delete, list(ids))
+        log.info("%s: deleted %d documents, generation %d", target.name, deleted, generation)
+        await self._record(target)
+        return deleted, missing, generation
+
+    async def delete_by_filter(self, collection: str, spec: dict | None) -> tuple[int, int]:
+        """(deleted, generation): every live document the filter admits, in one commit."""
+        target = self.collection(collection)
+        if not spec:
+            raise InvalidArgument("an empty filter admits every document; drop the collection to remove them all")
+        deleted, generation = await asyncio.to_thread(target.delete_matching, target.filter(spec))
+        log.info("%s: deleted %d documents by filter, generation %d", target.name, deleted, generation)
+        await self._record(target)
+        return deleted, generation
+
+    async def pruned(self, collection: str, limit: int = 0) -> list[tuple[str, float]]:
+        """Passages quality pruning kept out of the indexes, lowest quality first."""
+        if limit < 0:
+            raise InvalidArgument("limit must be >= 0")
+        return await asyncio.to_thread(self.collection(collection).pruned, limit)
+
+    async def reinstate(self, collection: str, ids: list[str]) -> UpsertResult:
+        """Index pruned passages after all (encoded now, never pruned again)."""
+        target = self.collection(collection)
+        if not ids:
+            raise InvalidArgument("no ids to reinstate")
+        result = await asyncio.to_thread(target.reinstate, list(ids))
+        await self._record(target)
+        return result
+
+    async def record_evaluation(self, collection: str, figures: dict) -> None:
+        await asyncio.to_thread(self.collection(collection).record_evaluation, figures)
+
+    # Collections -----------------------------------------------------------------------------
+    def _info(self, collection: Collection) -> CollectionInfo:
+        stats = collection.stats()
+        metrics.record_collection(collection.name, stats)
+        on, why = rerank_default(collection)
+        stats["details"]["rerank"] = {"default": on, "reason": why}
+        stats["details"]["housekeeping_failures"] = collection.health.housekeeping_failures
+        return CollectionInfo(collection.name, collection.settings.to_dict(), stats, collection.health,
+                              collection.health.state)
+
+    async def create_collection(self, name: str, settings: dict) -> CollectionInfo:
+        checked = CollectionSettings.from_dict(settings)
+        catalog = self._writable_catalog("create collections")  # before any model load
+        await asyncio.to_thread(check_models, checked, self.config)
+        collection = await asyncio.to_thread(catalog.create, name, checked)
+        log.info("created collection %s", name)
+        return await asyncio.to_thread(self._info, collection)
+
+    async def list_collections(self) -> list[CollectionInfo]:
+        """Every collection, and those out of service (listed, so that an operator sees them)."""
+        catalog = self._catalog()
+        infos = await asyncio.to_thread(lambda: [self._info(catalog.get(name)) for name in catalog.names()])
+        return infos + [CollectionInfo(name, {}, {}, Health(problems=[why]), "out of service")
+                        for name, why in sorted(catalog.broken.items())]
+
+    async def describe(self, name: str) -> CollectionInfo:
+        return await asyncio.to_thread(self._info, self.collection(name))
+
+    async def drop(self, name: str) -> None:
+        await asyncio.to_thread(self._catalog().drop, name)
+        log.info("dropped collection %s", name)
+        metrics.forget_collection(name)
+
+    async def compact(self, name: str) -> CollectionInfo:
+        collection = self.collection(name)
+        await asyncio.to_thread(collection.compact)
+        return await self.describe(name)
+
+    async def repair(self, name: str) -> tuple[RepairReport, CollectionInfo]:
+        report = await asyncio.to_thread(self._catalog().repair, name)  # logs what it did
+        info = await self.describe(name)
+        self.record_health()
+        return report, info
+
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        """A consistent copy of the generation served now, under <data>/.snapshots/; searches go on."""
+        catalog = self._writable_catalog("snapshot collections")
+        collection = self.collection(name)
+        folder = catalog.data_dir / SNAPSHOTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        folder.parent.mkdir(exist_ok=True)
+        generation = await asyncio.to_thread(collection.copy_to, folder)
+        size = await asyncio.to_thread(lambda: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
+        log.info("snapshot of %s generation %d at %s", name, generation, folder)
+        return SnapshotInfo(name, generation, str(folder.relative_to(catalog.data_dir)), size)
+
+    async def restore(self, path: str, name: str) -> CollectionInfo:
+        """A snapshot this server made, verified, as a new collection."""
+        catalog = self._catalog()
+        if Path(path).parent != Path(SNAPSHOTS):
+            raise InvalidArgument(f"a snapshot path is {SNAPSHOTS}/<folder>, as CreateSnapshot returned it")
+        collection = await asyncio.to_thread(catalog.restore, catalog.data_dir / SNAPSHOTS / Path(path).name, name)
+        log.info("restored %s as collection %s (generation %d)", path, name, collection.snapshot.generation)
+        return await asyncio.to_thread(self._info, collection)
