@@ -8,8 +8,9 @@ import threading
 import uuid
 from pathlib import Path
 
-from .collection import Collection, RepairReport, repair
+from .collection import Collection
 from .errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly
+from .repair import RepairReport, repair
 from .settings import CollectionSettings
 from .storage import remove_temporary, storage_errors
 
