@@ -25,7 +25,7 @@ from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
 from sieve.rankers.reranker import ARTIFACT
 from sieve.index.beir import DATASETS, cache_dir, load_beir, passage_text
 from sieve.rankers.first_stage import FirstStage
-from sieve.rankers.training import cheapest_setting
+from sieve.rankers.calibration import cheapest_setting
 from sieve.service.client import SieveClient
 from sieve.service.process import ServerProcess
 from sieve.v1 import sieve_pb2 as pb
@@ -69,7 +69,7 @@ def ratio(a: float, b: float) -> float | None:
 
 def first_stage_run(name: str, depth: int = 100, multivector: bool = False):
     corpus, queries, qrels = load_beir(DATASETS / name, "test")
-    stage = FirstStage(corpus, cache=cache_dir("reranker") / f"{name}_dense.npy", multivector=multivector)
+    stage = FirstStage(corpus, cache=cache_dir("reranker") / f"{name}_first_stage", multivector=multivector)
     qids = sorted(queries)
     started = time.perf_counter()
     candidates = [stage.search([queries[q]], depth)[0] for q in qids]  # one at a time, like a service

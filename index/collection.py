@@ -27,7 +27,7 @@ from .filters import Filter, check_metadata
 from .fusion import fuse
 from .manifest import MANIFESTS_KEPT, Snapshot, manifest_number, read_manifest, read_settings
 from .registry import make_retrievers
-from .repair import QUARANTINE, RepairReport  # noqa: F401 (RepairReport: callers import it from here)
+from .repair import QUARANTINE
 from .segment import SEGMENT_NAME, PreparedBatch, Segment, write_segment
 from .settings import CollectionSettings
 from .storage import TEMPORARY_PREFIX, fsync_dir, remove_temporary, seal, storage_errors, write_atomically
@@ -286,8 +286,9 @@ class Collection:
         self._maybe_compact()
         return UpsertResult(batch.indexed, len(batch.documents) - batch.indexed, generation)
 
-    def upsert(self, docs: list[Document], prune: bool = True) -> UpsertResult:
-        return self.commit(self.prepare(docs, prune))
+    def upsert(self, docs: list[Document], prune: bool = True, max_docs: int | None = None,
+               max_chars: int | None = None) -> UpsertResult:
+        return self.commit(self.prepare(docs, prune, max_docs=max_docs, max_chars=max_chars))
 
     def delete(self, ids: list[str]) -> tuple[int, list[str], int]:
         """(deleted, ids not found, generation). Other documents keep their ids and rows."""

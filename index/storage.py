@@ -16,7 +16,7 @@ from pathlib import Path
 
 import xxhash
 
-from .errors import CorruptIndex, ResourceExhausted, Unavailable
+from .errors import AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 CHUNK = 4 << 20
 SEAL = "xxh3"  # the key of a sealed record's checksum
@@ -126,3 +126,52 @@ def storage_errors(data_dir: Path):
                                     "kept: free space or grow the volume, then retry") from error
         raise Unavailable(f"the data directory cannot be written ({os.strerror(error.errno or 0) or error}); "
                           "nothing of this write was kept: retry, or check the volume") from error
+
+
+def _remote(url: str):
+    """(file system, root path) of an fsspec URL; a protocol without its driver installed is named."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:
+        raise InvalidArgument(f"{url}: this server cannot reach that file system ({error})") from None
+
+
+@contextlib.contextmanager
+def remote_errors(url: str):
+    try:
+        yield
+    except FileNotFoundError:
+        raise NotFound(f"nothing at {url}") from None
+    except OSError as error:
+        raise Unavailable(f"{url}: {error.strerror or error}; nothing was changed here, retry") from None
+
+
+def upload_folder(folder: Path, url: str, last: tuple[str, ...] = ()) -> None:
+    """Copy a folder to an fsspec URL that must not exist yet; files named in `last` go last, so that a
+    copy cut short lacks them and reads as incomplete (object stores have no atomic rename)."""
+    fs, root = _remote(url)
+    with remote_errors(url):
+        if fs.exists(root):
+            raise AlreadyExists(f"{url} exists already; name a new folder")
+        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name in last, str(p)))
+        for path in files:
+            target = f"{root.rstrip('/')}/{path.relative_to(folder).as_posix()}"
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(path), target)
+
+
+def download_folder(url: str, folder: Path) -> None:
+    fs, root = _remote(url)
+    with remote_errors(url):
+        files = fs.find(root)
+        if not files:
+            raise NotFound(f"nothing at {url}")
+        prefix = root.rstrip("/") + "/"
+        for name in files:
+            relative = name[len(prefix):] if name.startswith(prefix) else name.rsplit("/", 1)[-1]
+            if ".." in relative.split("/"):
+                raise InvalidArgument(f"{url}: file name {relative!r} leaves the folder")
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(name, str(folder / relative))

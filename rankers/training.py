@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         if not (folder / "weights.safetensors").is_file() or not (folder / "config.json").is_file():
             parser.error(f"{folder} is not a reranker artifact (weights.safetensors and config.json expected)")
     torch.set_num_threads(args.threads)
-    dense_cache = cache_dir("reranker") / f"{args.data.name}_dense.npy"
+    first_stage_cache = cache_dir("reranker") / f"{args.data.name}_first_stage"
     corpus, queries, qrels = load_beir(args.data, "train")
-    first_stage = FirstStage(corpus, cache=dense_cache)
+    first_stage = FirstStage(corpus, cache=first_stage_cache)
 
     def measure(model, tokenizer) -> dict:
         return calibrate(model, tokenizer, first_stage, corpus, queries, qrels, depth=args.dev_depth,

@@ -89,9 +89,13 @@ def cmd_ingest(args) -> int:
     problems: list[str] = []
     upserted = pruned = 0
     with _client(args) as client:
-        if not args.queue and args.collection not in {c.name for c in client.list_collections().collections}:
-            client.create_collection(args.collection, _settings(args.settings))
-            print(f"created collection {args.collection!r}", file=sys.stderr)
+        if not args.queue:
+            try:  # one name's existence, not every collection's statistics
+                client.create_collection(args.collection, _settings(args.settings))
+                print(f"created collection {args.collection!r}", file=sys.stderr)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
         # The bar counts lines read, so that skipped lines move it too and it ends at 100%.
         bar = tqdm(total=total_lines, unit="line", desc=f"{'queue' if args.queue else 'ingest'} {path.name}")
 
@@ -225,9 +229,9 @@ def cmd_collections(args) -> int:
         elif args.action == "compact":
             info = client.compact(args.name)
         elif args.action == "snapshot":
-            snapshot = client.snapshot(args.name)
+            snapshot = client.snapshot(args.name, args.to or "")
             print(f"snapshot of {args.name!r} at generation {snapshot.generation}: {snapshot.path} "
-                  f"({snapshot.bytes} bytes, in the data directory)")
+                  f"({snapshot.bytes} bytes, in the data directory){f', copied to {snapshot.url}' if snapshot.url else ''}")
             return 0
         elif args.action == "restore":
             if not args.snapshot:
@@ -401,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     collections.add_argument("--settings", help="settings for create (JSON or a JSON file) "
                                                 "(default: the server's defaults)")
     collections.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    collections.add_argument("--from", dest="snapshot", help="restore: the snapshot path `snapshot` printed")
+    collections.add_argument("--from", dest="snapshot", help="restore: the snapshot path `snapshot` printed, "
+                             "or the URL it was copied to")
+    collections.add_argument("--to", help="snapshot: also copy it to this fsspec URL (under the server's "
+                             "SIEVE_SNAPSHOT_TARGETS)")
     collections.set_defaults(run=cmd_collections)
 
     delete = client_command("delete", "delete documents by id")

@@ -173,8 +173,10 @@ class SieveClient:
         return self.ingest_stub.DeleteByFilter(
             pb.DeleteByFilterRequest(collection=collection, filter=filter_message(filter)), metadata=self.metadata)
 
-    def snapshot(self, name: str) -> pb.SnapshotInfo:
-        return self.collections_stub.CreateSnapshot(pb.CreateSnapshotRequest(name=name), metadata=self.metadata)
+    def snapshot(self, name: str, target: str = "", timeout: float | None = 600) -> pb.SnapshotInfo:
+        """A snapshot under the server's data directory; with `target` (an fsspec URL), copied there too."""
+        return self.collections_stub.CreateSnapshot(pb.CreateSnapshotRequest(name=name, target=target),
+                                                    timeout=timeout, metadata=self.metadata)
 
     def restore(self, path: str, name: str) -> pb.CollectionInfo:
         return self.collections_stub.RestoreSnapshot(pb.RestoreSnapshotRequest(path=path, name=name),

@@ -50,6 +50,9 @@ class ServerConfig:
     # directories (separated by ':'), Hugging Face hub names only when allowed. The packaged models always.
     model_roots: str = ""
     allow_hub_models: bool = False
+    # Where snapshots may be copied to and restored from: fsspec URL prefixes separated by commas
+    # (s3://backups/sieve/,file:///mnt/backups/); none: only the data directory's .snapshots/.
+    snapshot_targets: str = ""
 
     def __post_init__(self):
         """Refuse settings that would only fail later, or never: a clear message at start-up instead."""

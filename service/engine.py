@@ -17,17 +17,20 @@ import dataclasses
 import functools
 import logging
 import math
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sieve.index.catalog import Catalog
-from sieve.index.collection import Collection, Health, RepairReport, SearchHit, UpsertResult
+from sieve.index.collection import Collection, Health, SearchHit, UpsertResult
 from sieve.index.documents import Document
-from sieve.index.errors import InvalidArgument, ReadOnly, ResourceExhausted, SieveError, Unavailable
+from sieve.index.errors import AlreadyExists, InvalidArgument, ReadOnly, ResourceExhausted, SieveError, Unavailable
 from sieve.index.fusion import check_fusion
+from sieve.index.repair import RepairReport
 from sieve.index.settings import CollectionSettings
+from sieve.index.storage import TEMPORARY_PREFIX, download_folder, upload_folder
 
 from . import metrics
 from .batcher import MicroBatcher
@@ -122,6 +125,7 @@ class SnapshotInfo:
     generation: int
     path: str  # relative to the data directory: .snapshots/<folder>
     bytes: int
+    url: str = ""  # where it was copied to, if anywhere
 
 
 def rerank_default(collection: Collection) -> tuple[bool, str]:
@@ -329,12 +333,12 @@ class Engine:
             result = await self.batcher.submit(("rerank", model), reranker.rerank_many, (text, passages, k, pruning))
         finally:
             self.queued_rerank_pairs -= len(passages)
-        checkpoints = [0, *(pruning.checkpoints or getattr(reranker, "default_checkpoints", ()))]
+        checkpoints = [0, *(pruning.checkpoints or reranker.default_checkpoints)]
         for layer, alive in zip(checkpoints, result.survivors):
             metrics.RERANK_SURVIVORS.labels(str(layer)).observe(alive)
-        weight = getattr(reranker, "fusion_weight", None)
-        if first_stage is not None and weight is not None:
-            return RerankResult(fuse_with_first_stage(result, first_stage, weight)[:k], result.survivors)
+        if first_stage is not None and reranker.fusion_weight is not None:
+            return RerankResult(fuse_with_first_stage(result, first_stage, reranker.fusion_weight)[:k],
+                                result.survivors)
         return RerankResult(list(zip(result.order, result.scores))[:k], result.survivors)
 
     async def get(self, collection: str, ids: list[str]) -> tuple[list[Document], list[str], int]:
@@ -353,9 +357,8 @@ class Engine:
             raise ResourceExhausted(f"{self.pending_batches} batches are being ingested; retry this one later")
         self.pending_batches += 1
         try:
-            prepared = await asyncio.to_thread(target.prepare, docs, prune, False, self.config.max_batch_documents,
-                                               self.config.max_document_chars)
-            result = await asyncio.to_thread(target.commit, prepared)
+            result = await asyncio.to_thread(target.upsert, docs, prune, self.config.max_batch_documents,
+                                             self.config.max_document_chars)
         finally:
             self.pending_batches -= 1
         metrics.INGESTED.labels(target.name).inc(len(docs))
@@ -412,7 +415,9 @@ class Engine:
 
     async def create_collection(self, name: str, settings: dict) -> CollectionInfo:
         checked = CollectionSettings.from_dict(settings)
-        catalog = self._writable_catalog("create collections")  # before any model load
+        catalog = self._writable_catalog("create collections")  # these checks before any model load
+        if name in catalog.collections or name in catalog.broken:
+            raise AlreadyExists(f"collection {name!r} already exists")
         await asyncio.to_thread(check_models, checked, self.config)
         collection = await asyncio.to_thread(catalog.create, name, checked)
         log.info("created collection %s", name)
@@ -444,22 +449,45 @@ class Engine:
         self.record_health()
         return report, info
 
-    async def snapshot(self, name: str) -> SnapshotInfo:
-        """A consistent copy of the generation served now, under <data>/.snapshots/; searches go on."""
+    def _check_url(self, url: str) -> str:
+        allowed = [prefix.strip() for prefix in self.config.snapshot_targets.split(",") if prefix.strip()]
+        if not any(url.startswith(prefix) for prefix in allowed) or "/../" in f"{url}/":
+            raise InvalidArgument(f"{url}: this server copies snapshots only under its SIEVE_SNAPSHOT_TARGETS "
+                                  f"({', '.join(allowed) or 'none set'})")
+        return url
+
+    async def snapshot(self, name: str, target: str = "") -> SnapshotInfo:
+        """A consistent copy of the generation served now, under <data>/.snapshots/ (searches go on), then
+        copied to `target` (an fsspec URL) if one is named; the manifest goes last."""
         catalog = self._writable_catalog("snapshot collections")
         collection = self.collection(name)
+        url = self._check_url(target) if target else ""
         folder = catalog.data_dir / SNAPSHOTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         folder.parent.mkdir(exist_ok=True)
         generation = await asyncio.to_thread(collection.copy_to, folder)
         size = await asyncio.to_thread(lambda: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
-        log.info("snapshot of %s generation %d at %s", name, generation, folder)
-        return SnapshotInfo(name, generation, str(folder.relative_to(catalog.data_dir)), size)
+        if url:
+            manifest = f"manifest-{generation:010d}.json"
+            await asyncio.to_thread(upload_folder, folder, url, (manifest,))
+        log.info("snapshot of %s generation %d at %s%s", name, generation, folder, f" and {url}" if url else "")
+        return SnapshotInfo(name, generation, str(folder.relative_to(catalog.data_dir)), size, url)
 
     async def restore(self, path: str, name: str) -> CollectionInfo:
-        """A snapshot this server made, verified, as a new collection."""
+        """A snapshot, verified, as a new collection: one this server made (.snapshots/<folder>), or one
+        copied to a URL under SIEVE_SNAPSHOT_TARGETS."""
         catalog = self._catalog()
-        if Path(path).parent != Path(SNAPSHOTS):
-            raise InvalidArgument(f"a snapshot path is {SNAPSHOTS}/<folder>, as CreateSnapshot returned it")
-        collection = await asyncio.to_thread(catalog.restore, catalog.data_dir / SNAPSHOTS / Path(path).name, name)
+        if "://" in path:
+            download = catalog.data_dir / SNAPSHOTS / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}"
+            try:
+                await asyncio.to_thread(download_folder, self._check_url(path), download)
+                collection = await asyncio.to_thread(catalog.restore, download, name)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, download, True)
+        else:
+            if Path(path).parent != Path(SNAPSHOTS):
+                raise InvalidArgument(f"a snapshot path is {SNAPSHOTS}/<folder>, as CreateSnapshot returned it, "
+                                      "or a URL")
+            collection = await asyncio.to_thread(catalog.restore, catalog.data_dir / SNAPSHOTS / Path(path).name,
+                                                 name)
         log.info("restored %s as collection %s (generation %d)", path, name, collection.snapshot.generation)
         return await asyncio.to_thread(self._info, collection)

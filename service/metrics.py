@@ -67,9 +67,5 @@ def record_collection(name: str, stats: dict) -> None:
 
 def forget_collection(name: str) -> None:
     for gauge in (COLLECTION_DOCUMENTS, COLLECTION_DELETED, COLLECTION_PRUNED, COLLECTION_BYTES, COLLECTION_GENERATION,
-                  COLLECTION_DEGRADED, COLLECTION_HOUSEKEEPING_FAILURES):
-        if (name,) in gauge._metrics:
-            gauge.remove(name)
-    for labels in list(COLLECTION_VECTORS._metrics):  # labelled children of the dropped collection
-        if labels[0] == name:
-            COLLECTION_VECTORS.remove(*labels)
+                  COLLECTION_DEGRADED, COLLECTION_HOUSEKEEPING_FAILURES, COLLECTION_VECTORS):
+        gauge.remove_by_labels({"collection": name})

@@ -6,6 +6,7 @@ status with their message, anything else as INTERNAL with the request id (and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -84,39 +85,33 @@ def rpc(method):
         metrics.REQUESTS.labels(name, code.name).inc()
         await context.abort(code, message)
 
-    if inspect.isasyncgenfunction(method):
-        @functools.wraps(method)
-        async def stream(self, request, context):
-            _take_request_id(context)
-            start = time.perf_counter()
-            metrics.INFLIGHT.inc()
-            try:
-                async for response in method(self, request, context):
-                    yield response
-                metrics.REQUESTS.labels(name, "OK").inc()
-            except Exception as error:
-                await fail(context, error)
-            finally:
-                metrics.INFLIGHT.dec()
-                metrics.REQUEST_SECONDS.labels(name).observe(time.perf_counter() - start)
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self, request, context):
+    @contextlib.asynccontextmanager
+    async def accounted(context):
         _take_request_id(context)
         start = time.perf_counter()
         metrics.INFLIGHT.inc()
         try:
-            check_decoded(request)
-            remaining = context.time_remaining()
-            response = await asyncio.wait_for(method(self, request, context), remaining)
+            yield
             metrics.REQUESTS.labels(name, "OK").inc()
-            return response
         except Exception as error:
             await fail(context, error)
         finally:
             metrics.INFLIGHT.dec()
             metrics.REQUEST_SECONDS.labels(name).observe(time.perf_counter() - start)
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            async with accounted(context):
+                async for response in method(self, request, context):
+                    yield response
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        async with accounted(context):
+            check_decoded(request)
+            return await asyncio.wait_for(method(self, request, context), context.time_remaining())
     return unary
 
 

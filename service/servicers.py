@@ -184,9 +184,9 @@ class CollectionServicer(Servicer):
 
     @rpc
     async def CreateSnapshot(self, request, context):
-        snapshot = await self.engine.snapshot(request.name)
+        snapshot = await self.engine.snapshot(request.name, request.target)
         return pb.SnapshotInfo(collection=snapshot.collection, generation=snapshot.generation, path=snapshot.path,
-                               bytes=snapshot.bytes)
+                               bytes=snapshot.bytes, url=snapshot.url)
 
     @rpc
     async def RestoreSnapshot(self, request, context):

@@ -159,6 +159,12 @@ def test_bad_queue_entries_go_to_dead_letters(tmp_path, redis_server):
         wait_for(lambda: r.xlen("sieve:ingest:dead") == 1)
         entry = r.xrange("sieve:ingest:dead")[0][1]
         assert b"no collection named 'no-such-collection'" in entry[b"error"]
+        # the queue applies the Upsert RPC's checks: one implementation of ingestion
+        with SieveClient(server.target) as client:
+            client.create_collection("c", {"indexes": ["bm25"]})
+        publish(redis_server.url, "c", [Document("big", "x" * 100_001)], batch=1)
+        wait_for(lambda: r.xlen("sieve:ingest:dead") == 2)
+        assert b"the limit is 100000" in r.xrange("sieve:ingest:dead")[1][1][b"error"]
         wait_for(lambda: r.xpending("sieve:ingest", "sieve-indexers")["pending"] == 0)  # acknowledged
     finally:
         server.stop()

@@ -97,31 +97,3 @@ def test_evaluate_measures_and_sets_the_default(server, client, adi):
     assert details["default"] == ("reranking is ON" in run.stdout)
     plain = client.search("adi", adi[5].title, k=3)
     assert ("rerank" in plain.timings_ms) == details["default"]
-
-
-def test_rerank_queue_is_bounded(tmp_path):
-    """Past max_queued_rerank_pairs a request is refused at once, not left to run into its deadline."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from sieve.service.client import SieveClient
-    from sieve.service.process import ServerProcess
-
-    passages = [(d.id, d.content) for d in corpus("adi")[:20]]
-    process = ServerProcess(tmp_path / "data", env={"SIEVE_MAX_QUEUED_RERANK_PAIRS": "30"}).start()
-    try:
-        with SieveClient(process.target) as client:
-            def attempt(_):
-                try:
-                    return client.rerank("indexing", passages, k=5).results[0].id
-                except grpc.RpcError as error:
-                    return error.code(), error.details()
-
-            with ThreadPoolExecutor(4) as pool:
-                outcomes = list(pool.map(attempt, range(4)))
-            refused = [o for o in outcomes if isinstance(o, tuple)]
-            assert refused and len(refused) < 4, outcomes  # the first runs; 20 + 20 pairs > 30 wait for none
-            assert all(code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pairs queued" in details
-                       for code, details in refused), outcomes
-            assert len(client.rerank("indexing", passages, k=5).results) == 5  # the queue drained
-    finally:
-        process.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -110,14 +111,14 @@ def test_pruning_frontier_trades_overlap_for_speed():
     assert frontier[0]["speedup"] < frontier[-1]["speedup"]
 
 
-def test_first_stage_fuses_pooled_maxsim_from_a_cached_multivector_index(small_beir, tmp_path, monkeypatch):
+def test_first_stage_fuses_pooled_maxsim_from_cached_index_parts(small_beir, tmp_path, monkeypatch):
     from sieve.index.multivector import MultiVectorRetriever
     from sieve.rankers.first_stage import FirstStage
 
     corpus, _, _ = load_beir(small_beir, "train")
-    cache = tmp_path / "dense.npy"
+    cache = tmp_path / "first_stage"
     stage = FirstStage(corpus, cache=cache, multivector=True)
-    part = stage.multivector_part
+    part = stage.parts["multivector"]
     assert part.documents == len(corpus)
     assert part.vectors < 0.6 * int(part.raw_counts.sum())  # pool factor 2 really applied
     plain = FirstStage(corpus, cache=cache)
@@ -125,9 +126,14 @@ def test_first_stage_fuses_pooled_maxsim_from_a_cached_multivector_index(small_b
     fused, two_way = stage.search([corpus[doc]["title"]], 10)[0], plain.search([corpus[doc]["title"]], 10)[0]
     assert fused.ids[0] == doc
     assert fused.rrf[0] > two_way.rrf[0]  # a third list voted for it
+    # the scores beside each candidate are the retrievers' own: exact cosine, and BM25 where BM25 found it
+    assert np.allclose(two_way.dense, [stage.parts["dense"].vectors[stage.ids.index(i)] @
+                                       stage.retrievers["dense"].encode_queries([corpus[doc]["title"]])[0]
+                                       for i in two_way.ids], atol=1e-5)
+    assert two_way.bm25[0] > 0
 
     def no_encoding(*args, **kwargs):
-        raise AssertionError("the cached multi-vector index should have been reused, not rebuilt")
+        raise AssertionError("the cached index parts should have been reused, not rebuilt")
 
     monkeypatch.setattr(MultiVectorRetriever, "write", no_encoding)
     again = FirstStage(corpus, cache=cache, multivector=True)

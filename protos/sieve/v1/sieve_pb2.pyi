@@ -149,22 +149,26 @@ class DeleteByFilterRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
 
 class CreateSnapshotRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "target")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    target: str
+    def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
-    __slots__ = ("collection", "generation", "path", "bytes")
+    __slots__ = ("collection", "generation", "path", "bytes", "url")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
     collection: str
     generation: int
     path: str
     bytes: int
-    def __init__(self, collection: _Optional[str] = ..., generation: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+    url: str
+    def __init__(self, collection: _Optional[str] = ..., generation: _Optional[int] = ..., path: _Optional[str] = ..., bytes: _Optional[int] = ..., url: _Optional[str] = ...) -> None: ...
 
 class MultiVectorOptions(_message.Message):
     __slots__ = ("nprobe", "centroid_threshold", "candidates", "exact_candidates")
