@@ -401,12 +401,7 @@ class Collection:
 
     # Reading -----------------------------------------------------------------------------------
     def check_retrievers(self, names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-        names = tuple(names) or self.settings.search_retrievers
-        for name in names:
-            if name not in self.retrievers:
-                raise InvalidArgument(
-                    f"collection {self.name!r} has no {name!r} index; it has {', '.join(self.retrievers)}")
-        return names
+        return self.settings.check_retrievers(names, self.name)
 
     def encode_queries(self, name: str, texts: list[str]) -> list[Any]:
         return self.retrievers[name].encode_queries(texts)
@@ -416,30 +411,48 @@ class Collection:
         """Search with encoded queries (retriever name -> representation), fuse, return the top k.
         `params`: per retriever, this search's overrides of its settings. `filter`: only documents it
         admits are retrieved, by every retriever (see filters.py)."""
-        fusion = fusion or self.settings.fusion
         snapshot = self.snapshot
+        rankings, timings = self._rankings(snapshot, queries, k if len(queries) == 1 else max(k, FUSION_DEPTH),
+                                           params, filter)
+        start = time.perf_counter()
+        fused = fuse(fusion or self.settings.fusion, rankings, self.settings.rrf_k, self.settings.fusion_weights)
+        timings["fusion"] = (time.perf_counter() - start) * 1000
+        hits = [SearchHit(snapshot.segments[s].ids[r], score, snapshot.segments[s].document(r))
+                for (s, r), score in fused[:k]]
+        return SearchResult(hits, snapshot.generation, timings)
+
+    def candidates(self, queries: dict[str, Any], depth: int, params: dict[str, dict] | None = None,
+                   filter: Filter | None = None) -> tuple[dict[str, list[tuple[str, float]]], int, dict[str, float]]:
+        """Each retriever's best `depth` (id, raw score), unfused, the generation and timings: what a shard
+        of a larger collection contributes to its router's merge."""
+        snapshot = self.snapshot
+        rankings, timings = self._rankings(snapshot, queries, depth, params, filter)
+        ids = {name: [(snapshot.segments[s].ids[r], score) for (s, r), score in ranking]
+               for name, ranking in rankings.items()}
+        return ids, snapshot.generation, timings
+
+    def statistics(self, queries: dict[str, Any]) -> dict[str, Any]:
+        """Corpus statistics of the lexical retrievers for their encoded queries (see CorpusStatistics)."""
+        snapshot = self.snapshot
+        return {name: self.retrievers[name].statistics(snapshot.parts(name), snapshot.searchable_deleted(), query)
+                for name, query in queries.items() if self.retrievers[name].needs_corpus_statistics}
+
+    def _rankings(self, snapshot: Snapshot, queries: dict[str, Any], depth: int, params: dict[str, dict] | None,
+                  filter: Filter | None) -> tuple[dict[str, list], dict[str, float]]:
         deleted = snapshot.searchable_deleted()
+        searchable = snapshot.searchable
         hidden = None
         if filter is not None:
-            admits = filter.admits
-            hidden = [np.flatnonzero(~admits(s.columns, s.ids)[:s.indexed]) for s in
-                      (snapshot.segments[i] for i in snapshot.searchable)]
-        timings: dict[str, float] = {}
-        rankings = {}
-        depth = k if len(queries) == 1 else max(k, FUSION_DEPTH)
-        searchable = snapshot.searchable
+            hidden = [np.flatnonzero(~filter.admits(s.columns, s.ids)[:s.indexed])
+                      for s in (snapshot.segments[i] for i in searchable)]
+        rankings, timings = {}, {}
         for name, query in queries.items():
             start = time.perf_counter()
             hits = self.retrievers[name].search(snapshot.parts(name), deleted, query, depth, (params or {}).get(name),
                                                 hidden)
             rankings[name] = [((searchable[h.segment], h.row), h.score) for h in hits]
             timings[name] = (time.perf_counter() - start) * 1000
-        start = time.perf_counter()
-        fused = fuse(fusion, rankings, self.settings.rrf_k, self.settings.fusion_weights)
-        timings["fusion"] = (time.perf_counter() - start) * 1000
-        hits = [SearchHit(snapshot.segments[s].ids[r], score, snapshot.segments[s].document(r))
-                for (s, r), score in fused[:k]]
-        return SearchResult(hits, snapshot.generation, timings)
+        return rankings, timings
 
     def get(self, doc_id: str) -> Document:
         snapshot = self.snapshot

@@ -43,6 +43,24 @@ class SparseRows:
 
 
 @dataclass
+class CorpusStatistics:
+    """BM25's view of a corpus for one query: live documents, their analysed tokens, and how many hold
+    each query term. Shards' statistics add up to their collection's."""
+
+    documents: int
+    length: float
+    frequencies: dict[str, float]
+
+    @classmethod
+    def total(cls, parts: list["CorpusStatistics"]) -> "CorpusStatistics":
+        frequencies: dict[str, float] = {}
+        for part in parts:
+            for term, count in part.frequencies.items():
+                frequencies[term] = frequencies.get(term, 0.0) + count
+        return cls(sum(p.documents for p in parts), sum(p.length for p in parts), frequencies)
+
+
+@dataclass
 class SparsePart:
     rows: SparseRows
     postings: sp.csc_matrix
@@ -111,6 +129,7 @@ class LexicalRetriever(Retriever):
 class BM25Retriever(LexicalRetriever):
     name = "bm25"
     prefix = "bm25"
+    needs_corpus_statistics = True
 
     def encode_documents(self, docs: list[Document]) -> SparseRows:
         tokens = [analyze(doc.content) for doc in docs]
@@ -119,23 +138,37 @@ class BM25Retriever(LexicalRetriever):
     def encode_queries(self, texts: list[str]) -> list[dict[str, float]]:
         return [dict(Counter(analyze(text))) for text in texts]
 
-    def search(self, parts, deleted, query: dict[str, float], k: int, params: dict | None = None,
-               hidden: list[np.ndarray] | None = None) -> list[Hit]:
-        if not query or not parts:
-            return []
-        k1, b = self.settings.bm25_k1, self.settings.bm25_b
+    def statistics(self, parts, deleted, query: dict[str, float]) -> CorpusStatistics:
+        """What BM25 needs of the corpus for this query, over the live rows of every part."""
         lives = [self._live_mask(p, g) for p, g in zip(parts, deleted)]
-        n_docs = sum(int(live.sum()) for live in lives)
-        if n_docs == 0:
-            return []
-        avg_length = sum(float(p.rows.lengths[live].sum()) for p, live in zip(parts, lives)) / n_docs
-        selected = [self._query_columns(p, query) for p in parts]
-        # Document frequency of each query term over the live rows of every segment.
+        return self._statistics(parts, lives, [self._query_columns(p, query) for p in parts], query)
+
+    @staticmethod
+    def _statistics(parts, lives, selected, query) -> CorpusStatistics:
         df = np.zeros(len(query), "float64")
         for sel, live in zip(selected, lives):
             if sel is not None:
                 coo, _, positions = sel
                 np.add.at(df, positions[coo.col], live[coo.row].astype("float64"))
+        return CorpusStatistics(sum(int(live.sum()) for live in lives),
+                                sum(float(p.rows.lengths[live].sum()) for p, live in zip(parts, lives)),
+                                dict(zip(query, df.tolist())))
+
+    def search(self, parts, deleted, query: dict[str, float], k: int, params: dict | None = None,
+               hidden: list[np.ndarray] | None = None) -> list[Hit]:
+        """`params["corpus"]`: statistics of a larger corpus this one is part of (a shard of a
+        collection), so that scores mean the same on every shard."""
+        if not query or not parts:
+            return []
+        k1, b = self.settings.bm25_k1, self.settings.bm25_b
+        lives = [self._live_mask(p, g) for p, g in zip(parts, deleted)]
+        selected = [self._query_columns(p, query) for p in parts]
+        corpus = (params or {}).get("corpus") or self._statistics(parts, lives, selected, query)
+        n_docs = corpus.documents
+        if n_docs == 0 or not any(live.any() for live in lives):
+            return []
+        avg_length = corpus.length / n_docs
+        df = np.array([corpus.frequencies.get(term, 0.0) for term in query], "float64")
         idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5))  # Lucene's BM25 idf, as bm25s
         scored = []
         for segment, (part, sel, live) in enumerate(zip(parts, selected, lives)):

@@ -26,6 +26,7 @@ class Hit:
 
 class Retriever(ABC):
     name: ClassVar[str]
+    needs_corpus_statistics: ClassVar[bool] = False  # scores depend on more than each document (see statistics)
 
     def __init__(self, settings: CollectionSettings):
         self.settings = settings
@@ -62,6 +63,12 @@ class Retriever(ABC):
         """Best k live rows over all parts; deleted[i] holds the deleted rows of parts[i]. `params`: this
         search's overrides of the retriever's settings (the multi-vector knobs). `hidden[i]`: rows of
         parts[i] a filter leaves out; they are never returned, but count in ranking statistics."""
+
+    def statistics(self, parts: list[Any], deleted: list[np.ndarray], query: Any) -> Any | None:
+        """What this query's scores depend on beyond each document (BM25's document frequencies), for a
+        sharded collection to add up over its shards and pass back as `params["corpus"]`; None where a
+        score is the document's alone."""
+        return None
 
     def stats(self, parts: list[Any], live_rows: int) -> dict:
         """Figures for DescribeCollection (vectors, bytes, ...)."""

@@ -103,6 +103,15 @@ class CollectionSettings:
     def search_retrievers(self) -> tuple[str, ...]:
         return self.retrievers or self.indexes
 
+    def check_retrievers(self, names: list[str] | tuple[str, ...], collection: str) -> tuple[str, ...]:
+        """The retrievers a search asks for (none: the search retrievers), each a built index."""
+        names = tuple(names) or self.search_retrievers
+        for name in names:
+            if name not in self.indexes:
+                raise InvalidArgument(f"collection {collection!r} has no {name!r} index; it has "
+                                      f"{', '.join(self.indexes)}")
+        return names
+
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 

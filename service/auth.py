@@ -18,6 +18,7 @@ READ_METHODS = {
     "/sieve.v1.SearchService/Get",
     "/sieve.v1.CollectionService/ListCollections", "/sieve.v1.CollectionService/DescribeCollection",
     "/sieve.v1.IngestService/ListPruned",
+    "/sieve.v1.ShardService/Statistics", "/sieve.v1.ShardService/Candidates",  # a router's reads
 }
 SCOPES = ("read", "write")
 

@@ -9,6 +9,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from sieve.index.documents import Document
 from sieve.index.errors import InvalidArgument
+from sieve.index.lexical import CorpusStatistics
 from sieve.v1 import sieve_pb2 as pb
 from sieve.v1 import sieve_pb2_grpc as rpc
 
@@ -65,6 +66,14 @@ def filter_spec(message: pb.Filter) -> dict:
         return condition
 
     return {clause: [unwrap(c) for c in conditions] for clause, conditions in spec.items()}
+
+
+def statistics_message(corpus: CorpusStatistics) -> pb.CorpusStatistics:
+    return pb.CorpusStatistics(documents=corpus.documents, length=corpus.length, frequencies=corpus.frequencies)
+
+
+def corpus_statistics(message: pb.CorpusStatistics) -> CorpusStatistics:
+    return CorpusStatistics(message.documents, message.length, dict(message.frequencies))
 
 
 def search_options(retrievers: Iterable[str] = (), fusion: str = "", rerank: bool | None = None,

@@ -53,6 +53,12 @@ class ServerConfig:
     # Where snapshots may be copied to and restored from: fsspec URL prefixes separated by commas
     # (s3://backups/sieve/,file:///mnt/backups/); none: only the data directory's .snapshots/.
     snapshot_targets: str = ""
+    # Router mode: the shards' addresses (host:port, comma-separated; name-{0..2}.service:50051 for a
+    # StatefulSet). A router holds no data and serves every collection split over all of them.
+    shards: str = ""
+    shard_api_key: str = ""  # sent to the shards (a read-write key of theirs)
+    shard_ca: str = ""  # PEM that signs the shards' certificates: calls them over TLS
+    shard_timeout_seconds: float = 10.0  # a shard slower than this counts as down for that call
 
     def __post_init__(self):
         """Refuse settings that would only fail later, or never: a clear message at start-up instead."""
@@ -63,7 +69,7 @@ class ServerConfig:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{_variable(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("batch_wait_ms", "drain_seconds"):
+        for name in ("batch_wait_ms", "drain_seconds", "shard_timeout_seconds"):
             if not 0 <= getattr(self, name) < float("inf"):  # also refuses NaN
                 raise ValueError(f"{_variable(name)} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 < self.refresh_seconds < float("inf"):

@@ -20,11 +20,12 @@ import math
 import shutil
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sieve.index.catalog import Catalog
-from sieve.index.collection import Collection, Health, SearchHit, UpsertResult
+from sieve.index.collection import FUSION_DEPTH, Collection, Health, SearchHit, UpsertResult
 from sieve.index.documents import Document
 from sieve.index.errors import AlreadyExists, InvalidArgument, ReadOnly, ResourceExhausted, SieveError, Unavailable
 from sieve.index.fusion import check_fusion
@@ -85,6 +86,7 @@ class SearchQuery:
     filter: dict | None = None  # the plain form of index/filters.py
     rerank: RerankOptions = field(default_factory=RerankOptions)
     multivector: dict = field(default_factory=dict)  # this search's overrides of the multi-vector knobs
+    allow_partial: bool = False  # sharded collections: what the shards that answered found, marked partial
 
 
 @dataclass
@@ -93,15 +95,18 @@ class SearchResult:
     generation: int
     timings_ms: dict[str, float]
     survivors: list[int] = field(default_factory=list)  # candidates alive at each reranker checkpoint
+    shard_generations: dict[str, int] = field(default_factory=dict)  # sharded: the generation of each shard read
+    missing_shards: list[str] = field(default_factory=list)  # sharded, allow_partial: shards that did not answer
 
     def to_json(self) -> dict:
-        return {"hits": [{"id": h.id, "score": h.score, "document": h.document.to_json()} for h in self.hits],
-                "generation": self.generation, "timings_ms": self.timings_ms, "survivors": self.survivors}
+        plain = dataclasses.asdict(self)
+        plain["hits"] = [{"id": h.id, "score": h.score, "document": h.document.to_json()} for h in self.hits]
+        return plain
 
     @classmethod
     def from_json(cls, obj: dict) -> "SearchResult":
         hits = [SearchHit(h["id"], h["score"], Document.from_json(h["document"])) for h in obj["hits"]]
-        return cls(hits, obj["generation"], obj["timings_ms"], obj["survivors"])
+        return cls(**{**obj, "hits": hits})
 
 
 @dataclass
@@ -148,15 +153,177 @@ def rerank_default(collection: Collection) -> tuple[bool, str]:
         return False, f"off: {problem}; run `sieve evaluate` again"
 
 
-class Engine:
+class BaseEngine(ABC):
+    """What every engine serves, and the steps they share. `Engine` runs the pipeline over the collections
+    of one data directory; `Router` (service/router.py) over the shards of sharded collections, which are
+    Engines on other machines. The servicers, the queue consumer and SyncEngine call only these methods."""
+
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.catalog: Catalog | None = None
         self.batcher = MicroBatcher(config.max_encode_batch, config.batch_wait_ms)
         self.searches = asyncio.Semaphore(config.max_concurrent_searches)
-        self.pending_batches = 0
         self.queued_rerank_pairs = 0
-        self.redis = self.results = self.encodings = None
+        self.redis = None
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
+
+    @abstractmethod
+    async def settings(self, collection: str) -> CollectionSettings:
+        """A collection's settings (NOT_FOUND if there is none)."""
+
+    # What a front can ask -------------------------------------------------------------------
+    @abstractmethod
+    async def search(self, query: SearchQuery) -> SearchResult: ...
+
+    @abstractmethod
+    async def get(self, collection: str, ids: list[str]) -> tuple[list[Document], list[str], int]: ...
+
+    @abstractmethod
+    async def upsert(self, collection: str, docs: list[Document], prune: bool = True) -> UpsertResult: ...
+
+    @abstractmethod
+    async def delete(self, collection: str, ids: list[str]) -> tuple[int, list[str], int]: ...
+
+    @abstractmethod
+    async def delete_by_filter(self, collection: str, spec: dict | None) -> tuple[int, int]: ...
+
+    @abstractmethod
+    async def pruned(self, collection: str, limit: int = 0) -> list[tuple[str, float]]: ...
+
+    @abstractmethod
+    async def reinstate(self, collection: str, ids: list[str]) -> UpsertResult: ...
+
+    @abstractmethod
+    async def create_collection(self, name: str, settings: dict) -> CollectionInfo: ...
+
+    @abstractmethod
+    async def list_collections(self) -> list[CollectionInfo]: ...
+
+    @abstractmethod
+    async def describe(self, name: str) -> CollectionInfo: ...
+
+    @abstractmethod
+    async def drop(self, name: str) -> None: ...
+
+    @abstractmethod
+    async def compact(self, name: str) -> CollectionInfo: ...
+
+    @abstractmethod
+    async def repair(self, name: str) -> tuple[RepairReport, CollectionInfo]: ...
+
+    @abstractmethod
+    async def snapshot(self, name: str, target: str = "") -> SnapshotInfo: ...
+
+    @abstractmethod
+    async def restore(self, path: str, name: str) -> CollectionInfo: ...
+
+    # Shared steps ----------------------------------------------------------------------------
+    def check_text(self, text: str) -> None:
+        if not text.strip():
+            raise InvalidArgument("the query is empty")
+        if len(text) > self.config.max_query_chars:
+            raise InvalidArgument(f"the query is {len(text)} characters long; the limit is {self.config.max_query_chars}")
+
+    def check_query(self, query: SearchQuery, settings: CollectionSettings) -> int:
+        """The query's k, once its text, k, fusion and rerank options are known to be valid."""
+        self.check_text(query.text)
+        k = self.config.default_k if query.k is None else query.k
+        if not 1 <= k <= self.config.max_k:
+            raise InvalidArgument(f"k must be within 1..{self.config.max_k}, not {k}")
+        if query.fusion:
+            check_fusion(query.fusion)
+        if query.rerank.enabled is not False:
+            query.rerank.pruning(settings)
+            query.rerank.depth(settings, k, self.config.max_rerank_passages)
+        return k
+
+    async def search_batch(self, queries: list[SearchQuery]) -> list[SearchResult]:
+        """Several searches at once: their encodings share forward passes in the micro-batcher."""
+        limit = self.config.max_batch_searches
+        if not 1 <= len(queries) <= limit:
+            raise InvalidArgument(f"a batch holds 1..{limit} searches, not {len(queries)}")
+
+        async def one(position: int, query: SearchQuery) -> SearchResult:
+            try:
+                return await self.search(query)
+            except SieveError as error:  # which search of the batch failed
+                raise type(error)(f"search {position} of the batch: {error}") from None
+
+        return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(queries))))
+
+    async def rerank(self, text: str, passages: list[str], k: int = 0, options: RerankOptions = RerankOptions(),
+                     collection: str = "", first_stage: list[float] | None = None) -> RerankResult:
+        """Rerank supplied passages with a collection's reranker (or the default one); k 0: all of them.
+        With first-stage scores, a reranker calibrated to mix them in interpolates the two."""
+        settings = await self.settings(collection) if collection else CollectionSettings()
+        self.check_text(text)
+        limit = self.config.max_rerank_passages
+        if not passages:
+            raise InvalidArgument("no passages to rerank")
+        if len(passages) > limit:
+            raise InvalidArgument(f"{len(passages)} passages; the limit is {limit}")
+        if k < 0:
+            raise InvalidArgument(f"k must be >= 0 (0: all), not {k}")
+        for position, passage in enumerate(passages):
+            if not passage.strip():
+                raise InvalidArgument(f"passage {position} is empty")
+            if len(passage) > self.config.max_document_chars:
+                raise InvalidArgument(f"passage {position} is longer than {self.config.max_document_chars} characters")
+        if first_stage is not None and len(first_stage) != len(passages):
+            raise InvalidArgument(f"{len(first_stage)} first-stage scores for {len(passages)} passages")
+        k = min(k or len(passages), len(passages))
+        return await self._rerank(settings.reranker, text, passages, k, options.pruning(settings), first_stage)
+
+    async def _rerank_hits(self, result: SearchResult, settings: CollectionSettings, query: SearchQuery,
+                           k: int) -> None:
+        """Rerank a search's fused candidates in place (scores mixed with the first stage's where the
+        reranker is calibrated to), with the survivors and the time it took."""
+        start = time.perf_counter()
+        hits = result.hits
+        reranked = await self._rerank(settings.reranker, query.text, [h.document.content for h in hits], k,
+                                      query.rerank.pruning(settings), first_stage=[h.score for h in hits])
+        result.hits = [dataclasses.replace(hits[i], score=score) for i, score in reranked.ranked]
+        result.timings_ms["rerank"] = (time.perf_counter() - start) * 1000
+        result.survivors = reranked.survivors
+
+    async def _rerank(self, model: str, text: str, passages: list[str], k: int, pruning,
+                      first_stage: list[float] | None = None) -> RerankResult:
+        """Through the batcher, so that concurrent requests share forward passes; refused at once when the
+        queue of pairs is full (one request always runs)."""
+        from sieve.rankers import fuse_with_first_stage, load_reranker
+
+        queued = self.queued_rerank_pairs
+        if queued and queued + len(passages) > self.config.max_queued_rerank_pairs:
+            metrics.RERANK_REJECTED.inc()
+            raise ResourceExhausted(f"the reranker has {queued} query-passage pairs queued (limit "
+                                    f"{self.config.max_queued_rerank_pairs}); retry later or send fewer candidates")
+        self.queued_rerank_pairs += len(passages)
+        try:
+            reranker = await asyncio.to_thread(load_reranker, model)
+            result = await self.batcher.submit(("rerank", model), reranker.rerank_many, (text, passages, k, pruning))
+        finally:
+            self.queued_rerank_pairs -= len(passages)
+        checkpoints = [0, *(pruning.checkpoints or reranker.default_checkpoints)]
+        for layer, alive in zip(checkpoints, result.survivors):
+            metrics.RERANK_SURVIVORS.labels(str(layer)).observe(alive)
+        if first_stage is not None and reranker.fusion_weight is not None:
+            return RerankResult(fuse_with_first_stage(result, first_stage, reranker.fusion_weight)[:k],
+                                result.survivors)
+        return RerankResult(list(zip(result.order, result.scores))[:k], result.survivors)
+
+class Engine(BaseEngine):
+    """The pipeline over the collections of one data directory."""
+
+    def __init__(self, config: ServerConfig):
+        super().__init__(config)
+        self.catalog: Catalog | None = None
+        self.pending_batches = 0
+        self.results = self.encodings = None
         if config.redis_url:
             from .cache import EncodingCache, ResultCache
             from .redis_link import RedisLink
@@ -179,10 +346,7 @@ class Engine:
             metrics.record_collection(name, catalog.get(name).stats())
         self.catalog = catalog
         self.record_health()
-
-    async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.close()
+        log.info("serving %d collection(s) from %s", len(catalog.names()), self.config.data)
 
     async def refresh(self) -> None:
         """Replicas: follow the generations the writer commits."""
@@ -217,29 +381,20 @@ class Engine:
         metrics.record_health(collection.name, collection.health.state != "ok", collection.health.housekeeping_failures)
 
     # Search ----------------------------------------------------------------------------------
-    def _check_text(self, text: str) -> None:
-        if not text.strip():
-            raise InvalidArgument("the query is empty")
-        if len(text) > self.config.max_query_chars:
-            raise InvalidArgument(f"the query is {len(text)} characters long; the limit is {self.config.max_query_chars}")
+    async def settings(self, collection: str) -> CollectionSettings:
+        return self.collection(collection).settings
 
     async def search(self, query: SearchQuery) -> SearchResult:
         """Encode, retrieve with every asked retriever inside the filter, fuse, rerank, top k."""
         collection = self.collection(query.collection)
         settings = collection.settings
-        self._check_text(query.text)
-        k = self.config.default_k if query.k is None else query.k
-        if not 1 <= k <= self.config.max_k:
-            raise InvalidArgument(f"k must be within 1..{self.config.max_k}, not {k}")
+        k = self.check_query(query, settings)
         names = collection.check_retrievers(query.retrievers)
-        if query.fusion:
-            check_fusion(query.fusion)
         admitted = collection.filter(query.filter) if query.filter else None
         rerank = query.rerank.enabled
         if rerank is None:
             rerank = (await asyncio.to_thread(rerank_default, collection))[0]
         depth = query.rerank.depth(settings, k, self.config.max_rerank_passages) if rerank else k
-        pruning = query.rerank.pruning(settings) if rerank else None
         cache_key = None
         if self.results is not None:
             cache_key = self.results.key(dataclasses.replace(query, k=k), collection.snapshot.generation)
@@ -247,18 +402,13 @@ class Engine:
                 return SearchResult.from_json(cached)
         async with self.searches:
             start = time.perf_counter()
-            encoded = dict(zip(names, await asyncio.gather(*(self._encode(collection, n, query.text) for n in names))))
+            encoded = await self._encode_all(collection, names, query.text)
             encode_ms = (time.perf_counter() - start) * 1000
             found = await asyncio.to_thread(collection.search, encoded, depth, query.fusion,
                                             {"multivector": query.multivector}, admitted)
             result = SearchResult(found.hits, found.generation, {"encode": encode_ms, **found.timings_ms})
             if rerank and found.hits:
-                start = time.perf_counter()
-                reranked = await self._rerank(settings.reranker, query.text, [h.document.content for h in found.hits],
-                                              k, pruning, first_stage=[h.score for h in found.hits])
-                result.hits = [dataclasses.replace(found.hits[i], score=score) for i, score in reranked.ranked]
-                result.timings_ms["rerank"] = (time.perf_counter() - start) * 1000
-                result.survivors = reranked.survivors
+                await self._rerank_hits(result, settings, query, k)
         result.hits = result.hits[:k]
         for stage, ms in result.timings_ms.items():
             metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
@@ -266,19 +416,34 @@ class Engine:
             await self.results.put(cache_key, result.to_json())
         return result
 
-    async def search_batch(self, queries: list[SearchQuery]) -> list[SearchResult]:
-        """Several searches at once: their encodings share forward passes in the micro-batcher."""
-        limit = self.config.max_batch_searches
-        if not 1 <= len(queries) <= limit:
-            raise InvalidArgument(f"a batch holds 1..{limit} searches, not {len(queries)}")
+    # A shard of a sharded collection: the router's two phases ---------------------------------
+    async def statistics(self, collection: str, text: str, retrievers: tuple[str, ...]) -> tuple[dict, int]:
+        """(corpus statistics by lexical retriever, generation) for a query."""
+        target = self.collection(collection)
+        self.check_text(text)
+        names = tuple(n for n in target.check_retrievers(retrievers) if target.retrievers[n].needs_corpus_statistics)
+        encoded = await self._encode_all(target, names, text)
+        return await asyncio.to_thread(target.statistics, encoded), target.snapshot.generation
 
-        async def one(position: int, query: SearchQuery) -> SearchResult:
-            try:
-                return await self.search(query)
-            except SieveError as error:  # which search of the batch failed
-                raise type(error)(f"search {position} of the batch: {error}") from None
+    async def candidates(self, collection: str, text: str, retrievers: tuple[str, ...], depth: int,
+                         filter: dict | None = None, multivector: dict | None = None,
+                         statistics: dict | None = None) -> tuple[dict[str, list[tuple[str, float]]], int, dict]:
+        """Each retriever's best `depth` (id, raw score), scored with the collection-wide `statistics`."""
+        target = self.collection(collection)
+        self.check_text(text)
+        limit = max(self.config.max_k, self.config.max_rerank_passages, FUSION_DEPTH)
+        if not 1 <= depth <= limit:
+            raise InvalidArgument(f"depth must be within 1..{limit}, not {depth}")
+        names = target.check_retrievers(retrievers)
+        admitted = target.filter(filter) if filter else None
+        params = {name: {"corpus": corpus} for name, corpus in (statistics or {}).items()}
+        params["multivector"] = multivector or {}
+        async with self.searches:
+            encoded = await self._encode_all(target, names, text)
+            return await asyncio.to_thread(target.candidates, encoded, depth, params, admitted)
 
-        return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(queries))))
+    async def _encode_all(self, collection: Collection, names: tuple[str, ...], text: str) -> dict:
+        return dict(zip(names, await asyncio.gather(*(self._encode(collection, n, text) for n in names))))
 
     async def _encode(self, collection: Collection, name: str, text: str):
         """A retriever's representation of a query: from the shared cache, or batched with concurrent ones."""
@@ -292,54 +457,6 @@ class Engine:
         if key is not None:
             await self.encodings.put(key, encoded)
         return encoded
-
-    async def rerank(self, text: str, passages: list[str], k: int = 0, options: RerankOptions = RerankOptions(),
-                     collection: str = "", first_stage: list[float] | None = None) -> RerankResult:
-        """Rerank supplied passages with a collection's reranker (or the default one); k 0: all of them.
-        With first-stage scores, a reranker calibrated to mix them in interpolates the two."""
-        settings = self.collection(collection).settings if collection else CollectionSettings()
-        self._check_text(text)
-        limit = self.config.max_rerank_passages
-        if not passages:
-            raise InvalidArgument("no passages to rerank")
-        if len(passages) > limit:
-            raise InvalidArgument(f"{len(passages)} passages; the limit is {limit}")
-        if k < 0:
-            raise InvalidArgument(f"k must be >= 0 (0: all), not {k}")
-        for position, passage in enumerate(passages):
-            if not passage.strip():
-                raise InvalidArgument(f"passage {position} is empty")
-            if len(passage) > self.config.max_document_chars:
-                raise InvalidArgument(f"passage {position} is longer than {self.config.max_document_chars} characters")
-        if first_stage is not None and len(first_stage) != len(passages):
-            raise InvalidArgument(f"{len(first_stage)} first-stage scores for {len(passages)} passages")
-        k = min(k or len(passages), len(passages))
-        return await self._rerank(settings.reranker, text, passages, k, options.pruning(settings), first_stage)
-
-    async def _rerank(self, model: str, text: str, passages: list[str], k: int, pruning,
-                      first_stage: list[float] | None = None) -> RerankResult:
-        """Through the batcher, so that concurrent requests share forward passes; refused at once when the
-        queue of pairs is full (one request always runs)."""
-        from sieve.rankers import fuse_with_first_stage, load_reranker
-
-        queued = self.queued_rerank_pairs
-        if queued and queued + len(passages) > self.config.max_queued_rerank_pairs:
-            metrics.RERANK_REJECTED.inc()
-            raise ResourceExhausted(f"the reranker has {queued} query-passage pairs queued (limit "
-                                    f"{self.config.max_queued_rerank_pairs}); retry later or send fewer candidates")
-        self.queued_rerank_pairs += len(passages)
-        try:
-            reranker = await asyncio.to_thread(load_reranker, model)
-            result = await self.batcher.submit(("rerank", model), reranker.rerank_many, (text, passages, k, pruning))
-        finally:
-            self.queued_rerank_pairs -= len(passages)
-        checkpoints = [0, *(pruning.checkpoints or reranker.default_checkpoints)]
-        for layer, alive in zip(checkpoints, result.survivors):
-            metrics.RERANK_SURVIVORS.labels(str(layer)).observe(alive)
-        if first_stage is not None and reranker.fusion_weight is not None:
-            return RerankResult(fuse_with_first_stage(result, first_stage, reranker.fusion_weight)[:k],
-                                result.survivors)
-        return RerankResult(list(zip(result.order, result.scores))[:k], result.survivors)
 
     async def get(self, collection: str, ids: list[str]) -> tuple[list[Document], list[str], int]:
         """(documents found in the order asked, ids not found, generation)."""

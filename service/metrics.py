@@ -41,6 +41,11 @@ INGEST_LAG_ENTRIES = Gauge("sieve_ingest_lag_entries", "Queue entries not yet ac
 INGEST_OLDEST_SECONDS = Gauge("sieve_ingest_oldest_pending_seconds", "Age of the oldest unacknowledged entry",
                               ["stream"])
 
+SHARD_SECONDS = Histogram("sieve_shard_request_duration_seconds", "Router: each call to a shard, by shard",
+                          ["shard"], buckets=LATENCY_BUCKETS)
+SHARD_FAILURES = Counter("sieve_shard_failures_total", "Router: calls to a shard that failed, by shard and code",
+                         ["shard", "code"])
+PARTIAL_RESPONSES = Counter("sieve_partial_responses_total", "Router: searches answered without every shard")
 CACHE_REQUESTS = Counter("sieve_cache_requests_total", "Shared cache lookups", ["kind", "result"])
 # Labelled so that it is exported only where Redis is configured.
 CACHE_AVAILABLE = Gauge("sieve_cache_available", "1 while Redis answers", ["backend"])

@@ -51,7 +51,12 @@ class Server:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.engine = Engine(config)
+        if config.shards:
+            from .router import Router
+
+            self.engine = Router(config)
+        else:
+            self.engine = Engine(config)
         self.health = health_aio.HealthServicer()
         limits = [("grpc.max_receive_message_length", config.max_message_bytes),
                   ("grpc.max_send_message_length", config.max_message_bytes)]
@@ -67,7 +72,8 @@ class Server:
                 raise StartupError(f"SIEVE_API_KEYS_FILE {error}") from None
         # no port reuse: a second server on a used port must fail, not share the port with the first
         self.grpc = grpc.aio.server(options=[*limits, ("grpc.so_reuseport", 0)], interceptors=interceptors)
-        self.grpc.add_generic_rpc_handlers([generic_handler(name, cls(self.engine)) for name, cls in SERVICERS.items()])
+        served = {name: cls for name, cls in SERVICERS.items() if name != "ShardService" or not config.shards}
+        self.grpc.add_generic_rpc_handlers([generic_handler(name, cls(self.engine)) for name, cls in served.items()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         names = [f"sieve.v1.{s}" for s in SERVICES]
         reflection.enable_server_reflection(names + [reflection.SERVICE_NAME, "grpc.health.v1.Health"], self.grpc)
@@ -96,7 +102,6 @@ class Server:
         log.info("listening on %s:%d; loading collections from %s", self.config.host, self.port, self.config.data)
         await self.engine.open()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %d collection(s)", len(self.engine.catalog.names()))
         self.background = []
         if self.config.read_only:
             self.background.append(asyncio.create_task(self._follow_writer()))

@@ -12,7 +12,7 @@ from sieve.index.documents import Document
 from sieve.index.errors import InvalidArgument, ResourceExhausted
 from sieve.v1 import sieve_pb2 as pb
 
-from .client import document_message, filter_spec
+from .client import corpus_statistics, document_message, filter_spec, statistics_message
 from .engine import CollectionInfo, Engine, RerankOptions, SearchQuery, SearchResult
 from .rpc import check_decoded, rpc
 
@@ -51,8 +51,13 @@ def search_query(request: pb.SearchRequest) -> SearchQuery:
         fusion=request.fusion,
         filter=(filter_spec(request.filter) or None) if request.HasField("filter") else None,
         rerank=rerank_options(request.rerank),
-        multivector={option.name: value for option, value in request.multivector.ListFields()},
+        multivector=multivector_options(request.multivector),
+        allow_partial=request.allow_partial,
     )
+
+
+def multivector_options(message: pb.MultiVectorOptions) -> dict:
+    return {option.name: value for option, value in message.ListFields()}
 
 
 def collection_info(info: CollectionInfo) -> pb.CollectionInfo:
@@ -80,7 +85,9 @@ class Servicer:
 
 class SearchServicer(Servicer):
     def search_response(self, result: SearchResult, omit_text: bool) -> pb.SearchResponse:
-        response = pb.SearchResponse(generation=result.generation, survivors=result.survivors)
+        response = pb.SearchResponse(generation=result.generation, survivors=result.survivors,
+                                     shard_generations=result.shard_generations, partial=bool(result.missing_shards),
+                                     missing_shards=result.missing_shards)
         response.timings_ms.update(result.timings_ms)
         for hit in result.hits:
             scored = response.results.add(id=hit.id, score=hit.score)
@@ -197,4 +204,28 @@ class CollectionServicer(Servicer):
         return collection_info(await self.engine.compact(request.name))
 
 
-SERVICERS = {"SearchService": SearchServicer, "IngestService": IngestServicer, "CollectionService": CollectionServicer}
+class ShardServicer(Servicer):
+    """The internal phases a router asks of every shard (served by an Engine, not by a router)."""
+
+    @rpc
+    async def Statistics(self, request, context):
+        found, generation = await self.engine.statistics(request.collection, request.query, tuple(request.retrievers))
+        return pb.ShardStatisticsResponse(statistics={name: statistics_message(corpus) for name, corpus in found.items()},
+                                          generation=generation)
+
+    @rpc
+    async def Candidates(self, request, context):
+        rankings, generation, timings = await self.engine.candidates(
+            request.collection, request.query, tuple(request.retrievers), request.depth,
+            (filter_spec(request.filter) or None) if request.HasField("filter") else None,
+            multivector_options(request.multivector),
+            {name: corpus_statistics(message) for name, message in request.statistics.items()})
+        response = pb.ShardCandidatesResponse(generation=generation, timings_ms=timings)
+        for name, ranking in rankings.items():
+            response.rankings[name].ids.extend(doc_id for doc_id, _ in ranking)
+            response.rankings[name].scores.extend(score for _, score in ranking)
+        return self.check_size(response, "candidates", "ask for a smaller depth")
+
+
+SERVICERS = {"SearchService": SearchServicer, "IngestService": IngestServicer, "CollectionService": CollectionServicer,
+             "ShardService": ShardServicer}

@@ -43,7 +43,7 @@ class RerankOptions(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., candidates: _Optional[int] = ..., checkpoints: _Optional[_Iterable[int]] = ..., margin: _Optional[float] = ..., prune: _Optional[bool] = ..., margins: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "query", "k", "retrievers", "fusion", "rerank", "omit_text", "multivector", "filter")
+    __slots__ = ("collection", "query", "k", "retrievers", "fusion", "rerank", "omit_text", "multivector", "filter", "allow_partial")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class SearchRequest(_message.Message):
     OMIT_TEXT_FIELD_NUMBER: _ClassVar[int]
     MULTIVECTOR_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     collection: str
     query: str
     k: int
@@ -62,7 +63,8 @@ class SearchRequest(_message.Message):
     omit_text: bool
     multivector: MultiVectorOptions
     filter: Filter
-    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., omit_text: _Optional[bool] = ..., multivector: _Optional[_Union[MultiVectorOptions, _Mapping]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+    allow_partial: bool
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[str] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., omit_text: _Optional[bool] = ..., multivector: _Optional[_Union[MultiVectorOptions, _Mapping]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., allow_partial: _Optional[bool] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("must", "should", "must_not")
@@ -197,7 +199,7 @@ class ScoredDocument(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "generation", "timings_ms", "survivors")
+    __slots__ = ("results", "generation", "timings_ms", "survivors", "shard_generations", "partial", "missing_shards")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -205,15 +207,28 @@ class SearchResponse(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ShardGenerationsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ScoredDocument]
     generation: int
     timings_ms: _containers.ScalarMap[str, float]
     survivors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, results: _Optional[_Iterable[_Union[ScoredDocument, _Mapping]]] = ..., generation: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., survivors: _Optional[_Iterable[int]] = ...) -> None: ...
+    shard_generations: _containers.ScalarMap[str, int]
+    partial: bool
+    missing_shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoredDocument, _Mapping]]] = ..., generation: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., survivors: _Optional[_Iterable[int]] = ..., shard_generations: _Optional[_Mapping[str, int]] = ..., partial: _Optional[bool] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Passage(_message.Message):
     __slots__ = ("id", "text")
@@ -441,3 +456,102 @@ class RestoreSnapshotRequest(_message.Message):
     path: str
     name: str
     def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CorpusStatistics(_message.Message):
+    __slots__ = ("documents", "length", "frequencies")
+    class FrequenciesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCIES_FIELD_NUMBER: _ClassVar[int]
+    documents: int
+    length: float
+    frequencies: _containers.ScalarMap[str, float]
+    def __init__(self, documents: _Optional[int] = ..., length: _Optional[float] = ..., frequencies: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ShardStatisticsRequest(_message.Message):
+    __slots__ = ("collection", "query", "retrievers")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    query: str
+    retrievers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., retrievers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ShardStatisticsResponse(_message.Message):
+    __slots__ = ("statistics", "generation")
+    class StatisticsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: CorpusStatistics
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CorpusStatistics, _Mapping]] = ...) -> None: ...
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    statistics: _containers.MessageMap[str, CorpusStatistics]
+    generation: int
+    def __init__(self, statistics: _Optional[_Mapping[str, CorpusStatistics]] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class ShardCandidatesRequest(_message.Message):
+    __slots__ = ("collection", "query", "retrievers", "depth", "filter", "multivector", "statistics")
+    class StatisticsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: CorpusStatistics
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CorpusStatistics, _Mapping]] = ...) -> None: ...
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    MULTIVECTOR_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    query: str
+    retrievers: _containers.RepeatedScalarFieldContainer[str]
+    depth: int
+    filter: Filter
+    multivector: MultiVectorOptions
+    statistics: _containers.MessageMap[str, CorpusStatistics]
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., retrievers: _Optional[_Iterable[str]] = ..., depth: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., multivector: _Optional[_Union[MultiVectorOptions, _Mapping]] = ..., statistics: _Optional[_Mapping[str, CorpusStatistics]] = ...) -> None: ...
+
+class Ranking(_message.Message):
+    __slots__ = ("ids", "scores")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ShardCandidatesResponse(_message.Message):
+    __slots__ = ("rankings", "generation", "timings_ms")
+    class RankingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Ranking
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Ranking, _Mapping]] = ...) -> None: ...
+    class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RANKINGS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    rankings: _containers.MessageMap[str, Ranking]
+    generation: int
+    timings_ms: _containers.ScalarMap[str, float]
+    def __init__(self, rankings: _Optional[_Mapping[str, Ranking]] = ..., generation: _Optional[int] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...

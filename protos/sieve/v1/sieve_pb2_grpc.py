@@ -861,3 +861,127 @@ class CollectionService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ShardServiceStub:
+    """Internal, read scope: what the router of a sharded collection asks of each shard. A search is two
+    phases, as Elasticsearch's dfs_query_then_fetch: the lexical retrievers' corpus statistics, summed over
+    the shards, then each retriever's candidates scored with them, merged by the router.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Statistics = channel.unary_unary(
+                '/sieve.v1.ShardService/Statistics',
+                request_serializer=sieve_dot_v1_dot_sieve__pb2.ShardStatisticsRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_sieve__pb2.ShardStatisticsResponse.FromString,
+                _registered_method=True)
+        self.Candidates = channel.unary_unary(
+                '/sieve.v1.ShardService/Candidates',
+                request_serializer=sieve_dot_v1_dot_sieve__pb2.ShardCandidatesRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_sieve__pb2.ShardCandidatesResponse.FromString,
+                _registered_method=True)
+
+
+class ShardServiceServicer:
+    """Internal, read scope: what the router of a sharded collection asks of each shard. A search is two
+    phases, as Elasticsearch's dfs_query_then_fetch: the lexical retrievers' corpus statistics, summed over
+    the shards, then each retriever's candidates scored with them, merged by the router.
+    """
+
+    def Statistics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Candidates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ShardServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Statistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Statistics,
+                    request_deserializer=sieve_dot_v1_dot_sieve__pb2.ShardStatisticsRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_sieve__pb2.ShardStatisticsResponse.SerializeToString,
+            ),
+            'Candidates': grpc.unary_unary_rpc_method_handler(
+                    servicer.Candidates,
+                    request_deserializer=sieve_dot_v1_dot_sieve__pb2.ShardCandidatesRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_sieve__pb2.ShardCandidatesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sieve.v1.ShardService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sieve.v1.ShardService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ShardService:
+    """Internal, read scope: what the router of a sharded collection asks of each shard. A search is two
+    phases, as Elasticsearch's dfs_query_then_fetch: the lexical retrievers' corpus statistics, summed over
+    the shards, then each retriever's candidates scored with them, merged by the router.
+    """
+
+    @staticmethod
+    def Statistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.ShardService/Statistics',
+            sieve_dot_v1_dot_sieve__pb2.ShardStatisticsRequest.SerializeToString,
+            sieve_dot_v1_dot_sieve__pb2.ShardStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Candidates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.ShardService/Candidates',
+            sieve_dot_v1_dot_sieve__pb2.ShardCandidatesRequest.SerializeToString,
+            sieve_dot_v1_dot_sieve__pb2.ShardCandidatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,153 @@
+"""Sharded collections: three real shard servers behind a real router, against one node with the same
+documents; a shard killed for real."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from conftest import corpus, dataset
+from sieve.index.beir import load_beir
+from sieve.index.documents import Document
+from sieve.index.lexical import CorpusStatistics
+from sieve.service.client import SieveClient
+from sieve.service.process import ServerProcess
+from sieve.service.router import shard_addresses, shard_of
+
+SETTINGS = {"indexes": ["dense", "bm25"], "quality_estimator": "none", "filterable": {"year": "integer"}}
+
+
+def test_shard_addresses_and_owners():
+    assert shard_addresses("a:1, b:2") == ["a:1", "b:2"]
+    assert shard_addresses("sieve-shard-{0..2}.sieve-shards:50051") == [
+        "sieve-shard-0.sieve-shards:50051", "sieve-shard-1.sieve-shards:50051", "sieve-shard-2.sieve-shards:50051"]
+    with pytest.raises(ValueError, match="twice"):
+        shard_addresses("a:1,a:1")
+    owners = [shard_of(f"doc-{n}", 3) for n in range(3000)]
+    assert owners == [shard_of(f"doc-{n}", 3) for n in range(3000)]  # stable
+    assert all(900 < owners.count(s) < 1100 for s in range(3))  # and even
+    total = CorpusStatistics.total([CorpusStatistics(2, 10.0, {"a": 1.0}), CorpusStatistics(3, 5.0, {"a": 2.0,
+                                                                                                      "b": 1.0})])
+    assert total == CorpusStatistics(5, 15.0, {"a": 3.0, "b": 1.0})
+
+
+def wait_for(condition, seconds: float = 20) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if condition():
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError("condition not met in time")
+
+
+def start_all(processes: list[ServerProcess]) -> None:
+    errors = []
+
+    def start(process):
+        try:
+            process.start()
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=start, args=(p,)) for p in processes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    shards = [ServerProcess(root / f"shard-{n}" / "data") for n in range(3)]
+    single = ServerProcess(root / "single" / "data")
+    start_all([*shards, single])
+    router = ServerProcess(root / "router" / "data", {"SIEVE_SHARDS": ",".join(s.target for s in shards)}).start()
+    docs = [Document(d.id, d.text, d.title, {"year": 1960 + n % 10}) for n, d in enumerate(corpus("adi"))]
+    with SieveClient(router.target) as routed, SieveClient(single.target) as alone:
+        for client in (routed, alone):
+            client.create_collection("adi", SETTINGS)
+            client.upsert("adi", [docs[:50], docs[50:]])
+        yield {"router": router, "shards": shards, "routed": routed, "alone": alone, "docs": docs}
+    for process in (router, *shards, single):
+        process.stop()
+
+
+def same_ranking(ours, theirs) -> None:
+    """Equal scores rank by rank; equal ids but for the order among equal scores (and which of them the
+    cut at k keeps)."""
+    assert len(ours) == len(theirs)
+    assert [round(h.score, 5) for h in ours] == pytest.approx([round(h.score, 5) for h in theirs], abs=2e-5)
+    last = round(ours[-1].score, 5) if ours else None
+    for a, b in ((ours, theirs), (theirs, ours)):
+        above = {h.id for h in a if round(h.score, 5) != last}
+        assert above <= {h.id for h in b}
+
+
+def test_a_sharded_collection_ranks_as_one_node(cluster):
+    _, queries, _ = load_beir(dataset("adi"), "test")
+    routed, alone = cluster["routed"], cluster["alone"]
+    for text in list(queries.values())[:20]:
+        for retrievers in (["bm25"], ["dense"], []):  # [] the collection's fusion of both
+            ours = routed.search("adi", text, k=10, retrievers=retrievers)
+            theirs = alone.search("adi", text, k=10, retrievers=retrievers)
+            same_ranking(ours.results, theirs.results)
+            assert sorted(ours.shard_generations) == ["0", "1", "2"] and not ours.partial
+    filtered = {"must": [{"field": "year", "range": {"gte": 1967}}]}
+    ours = routed.search("adi", "computer indexing", k=30, filter=filtered)
+    same_ranking(ours.results, alone.search("adi", "computer indexing", k=30, filter=filtered).results)
+    assert all(r.metadata["year"] >= 1967 for r in ours.results) and ours.results[0].text
+
+
+def test_writes_go_to_the_owning_shard_and_reads_follow(cluster):
+    routed, docs = cluster["routed"], cluster["docs"]
+    info = routed.describe("adi")
+    shards = info.stats.details["shards"]
+    assert info.stats.documents == len(docs) and sorted(shards) == ["0", "1", "2"]
+    assert all(shard["documents"] > 10 for shard in shards.values())
+    assert sum(shard["documents"] for shard in shards.values()) == len(docs)
+    with SieveClient(cluster["shards"][shard_of(docs[7].id, 3)].target) as owner:
+        assert [d.id for d in owner.get("adi", [docs[7].id]).documents] == [docs[7].id]
+    got = routed.get("adi", [docs[3].id, "nope", docs[60].id])
+    assert [d.id for d in got.documents] == [docs[3].id, docs[60].id] and list(got.not_found) == ["nope"]
+    deleted = routed.delete("adi", [docs[0].id, docs[1].id, "nope"])
+    assert deleted.deleted == 2 and list(deleted.not_found) == ["nope"]
+    cluster["alone"].delete("adi", [docs[0].id, docs[1].id])
+    assert routed.describe("adi").stats.documents == len(docs) - 2
+    assert docs[0].id not in {r.id for r in routed.search("adi", docs[0].title, k=5).results}
+    with pytest.raises(grpc.RpcError) as caught:
+        routed.search("adi", "q", retrievers=["multivector"])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no 'multivector' index" in caught.value.details()
+
+
+def test_a_shard_down_is_named_and_partial_results_are_marked(cluster):
+    routed, shards, docs = cluster["routed"], cluster["shards"], cluster["docs"]
+    down = shards[2]
+    down.kill()
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            routed.search("adi", "computer indexing", k=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "shard 2" in caught.value.details()
+        partial = routed.search("adi", "computer indexing", k=10, allow_partial=True)
+        assert partial.partial and "shard 2" in partial.missing_shards[0]
+        assert sorted(partial.shard_generations) == ["0", "1"]
+        assert partial.results and all(shard_of(r.id, 3) != 2 for r in partial.results)
+        batch = [Document(f"new-{n}", f"a new passage on indexing number {n}") for n in range(12)]
+        with pytest.raises(grpc.RpcError) as caught:
+            routed.upsert("adi", [batch])
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shard 2" in caught.value.details() and "sending the batch again is safe" in caught.value.details()
+        elsewhere = [d.id for d in batch if shard_of(d.id, 3) != 2]
+        assert [d.id for d in routed.get("adi", elsewhere).documents] == elsewhere  # the others committed
+    finally:
+        restarted = ServerProcess(down.data, port=down.port).start()
+        shards[2] = restarted
+    wait_for(lambda: routed.describe("adi").stats.details["shards"]["2"]["state"] == "ok")
+    assert routed.upsert("adi", [batch])[0].upserted == len(batch)  # sent again: nothing duplicated
+    assert routed.describe("adi").stats.documents == len(docs) - 2 + len(batch)
