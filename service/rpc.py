@@ -25,7 +25,6 @@ from .logs import request_id
 
 log = logging.getLogger("sieve.service")
 
-SERVICES = ("SearchService", "IngestService", "CollectionService", "ShardService")
 STATUS = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,

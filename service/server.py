@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from . import metrics
 from .config import ServerConfig, StartupError
 from .engine import Engine
-from .rpc import SERVICES, generic_handler
+from .rpc import generic_handler
 from .servicers import SERVICERS
 
 log = logging.getLogger("sieve.service")
@@ -73,10 +73,11 @@ class Server:
         # no port reuse: a second server on a used port must fail, not share the port with the first
         self.grpc = grpc.aio.server(options=[*limits, ("grpc.so_reuseport", 0)], interceptors=interceptors)
         served = {name: cls for name, cls in SERVICERS.items() if name != "ShardService" or not config.shards}
+        self.services = [f"sieve.v1.{name}" for name in served]
         self.grpc.add_generic_rpc_handlers([generic_handler(name, cls(self.engine)) for name, cls in served.items()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        names = [f"sieve.v1.{s}" for s in SERVICES]
-        reflection.enable_server_reflection(names + [reflection.SERVICE_NAME, "grpc.health.v1.Health"], self.grpc)
+        reflection.enable_server_reflection(self.services + [reflection.SERVICE_NAME, "grpc.health.v1.Health"],
+                                            self.grpc)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
             check_tls_files(config)
@@ -92,7 +93,7 @@ class Server:
             raise OSError(f"cannot listen on {address}")
 
     async def _set_health(self, status) -> None:
-        for name in ("", *(f"sieve.v1.{s}" for s in SERVICES)):
+        for name in ("", *self.services):
             await self.health.set(name, status)
         metrics.READY.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
 

@@ -539,3 +539,55 @@ def test_the_replica_refuses_writes_and_follows_the_writer(cluster):
         while "shared" not in {c.name for c in reader.list_collections().collections}:
             assert time.time() < deadline, "the replica never picked up the writer's collection"
             time.sleep(0.2)
+
+
+# Sharded deployment ------------------------------------------------------------------------------
+K8S_SHARDED = DEPLOY / "k8s-sharded"
+
+
+def sharded_manifests() -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for path in sorted(K8S_SHARDED.glob("*.yaml"))
+            for d in load_yaml(path) if d.get("kind") not in (None, "Kustomization")}
+
+
+def test_sharded_k8s_runs_shard_writers_behind_a_router(monkeypatch):
+    from sieve.service.router import shard_addresses
+
+    found = sharded_manifests()
+    assert set(found) == {("ConfigMap", "sieve-sharded-config"), ("Service", "sieve-shards"),
+                          ("StatefulSet", "sieve-shard"), ("Deployment", "sieve-router"), ("Service", "sieve-router"),
+                          ("HorizontalPodAutoscaler", "sieve-router")}
+    listed = set(load_yaml(K8S_SHARDED / "kustomization.yaml")[0]["resources"])
+    assert listed == {p.name for p in K8S_SHARDED.glob("*.yaml")} - {"kustomization.yaml"}
+    shards, router = found[("StatefulSet", "sieve-shard")], found[("Deployment", "sieve-router")]
+    headless = found[("Service", "sieve-shards")]
+    assert headless["spec"]["clusterIP"] == "None" and shards["spec"]["serviceName"] == "sieve-shards"
+    assert len(shards["spec"]["volumeClaimTemplates"]) == 1, "one volume per shard"
+    config = found[("ConfigMap", "sieve-sharded-config")]["data"]
+    env = {v["name"]: v["value"] for v in container(router)["env"] if "value" in v}
+    pods = [f"sieve-shard-{n}.sieve-shards:{config['SIEVE_PORT']}" for n in range(shards["spec"]["replicas"])]
+    assert shard_addresses(env["SIEVE_SHARDS"]) == pods
+    assert server_config({**config, **env}, monkeypatch).shards == env["SIEVE_SHARDS"]
+    assert not server_config(config, monkeypatch).shards  # the shards serve their own data
+    secret_keys = {v["valueFrom"]["secretKeyRef"]["key"] for v in container(router)["env"] if "valueFrom" in v}
+    assert secret_keys <= set(manifests()[("Secret", "sieve-secrets")]["stringData"])
+    readiness = {name: container(m)["readinessProbe"]["grpc"]["service"] for name, m in
+                 (("shard", shards), ("router", router))}
+    assert readiness == {"shard": "sieve.v1.ShardService", "router": "sieve.v1.SearchService"}
+    assert set(readiness.values()) <= HEALTH_NAMES
+    hpa = found[("HorizontalPodAutoscaler", "sieve-router")]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "sieve-router", "never autoscale the shards"
+
+
+def test_sharded_compose_runs_three_shards_and_a_router(monkeypatch):
+    from sieve.service.router import shard_addresses
+
+    services = load_yaml(DEPLOY / "compose.sharded.yaml")[0]["services"]
+    assert set(services) == {"shard-0", "shard-1", "shard-2", "router"}
+    router = services["router"]
+    environment = {k: v for k, v in router["environment"].items() if not str(v).startswith("${")}
+    config = server_config(environment, monkeypatch)
+    assert [address.split(":")[0] for address in shard_addresses(config.shards)] == ["shard-0", "shard-1", "shard-2"]
+    volumes = [services[f"shard-{n}"]["volumes"][0].split(":")[0] for n in range(3)]
+    assert len(set(volumes)) == 3, "each shard its own volume"
+    assert all(set(service["environment"]) <= CONFIG_VARIABLES for service in services.values())
