@@ -7,8 +7,9 @@ SyncEngine) all call it, and nothing else runs the pipeline:
     document -> validate -> quality pruning -> encoders -> segment -> manifest (index/)
 
 Limits come from one ServerConfig. Models run in the micro-batcher's worker threads and index work in
-worker threads: a coroutine here never blocks the event loop. Collections are named, never handed out, so
-that another implementation (a remote shard) can stand behind the same methods.
+worker threads: a coroutine here never blocks the event loop. Collections are named, never handed out:
+BaseEngine is the interface, which Engine implements over one data directory and Router
+(service/router.py) over the shards of sharded collections.
 """
 from __future__ import annotations
 

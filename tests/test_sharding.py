@@ -157,3 +157,26 @@ def test_a_shard_down_is_named_and_partial_results_are_marked(cluster):
     wait_for(lambda: routed.describe("adi").stats.details["shards"]["2"]["state"] == "ok")
     assert routed.upsert("adi", [batch])[0].upserted == len(batch)  # sent again: nothing duplicated
     assert routed.describe("adi").stats.documents == len(docs) - 1 + len(batch)
+
+
+def test_a_shard_killed_during_ingestion_loses_nothing_acknowledged(cluster):
+    """The router acknowledges a batch once every shard committed its part: what was acknowledged
+    before a shard died is all there after it restarts."""
+    routed, shards = cluster["routed"], cluster["shards"]
+    batches = [[Document(f"stream-{b}-{n}", f"streamed passage {n} of batch {b} about libraries")
+                for n in range(9)] for b in range(8)]
+    acknowledged = []
+    victim = shards[1]
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            for response in routed.upsert_stream("adi", iter(batches)):
+                acknowledged.append(response)
+                if len(acknowledged) == 2:
+                    victim.kill()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "shard 1" in caught.value.details()
+    finally:
+        shards[1] = ServerProcess(victim.data, port=victim.port).start()
+    assert len(acknowledged) >= 2
+    wait_for(lambda: routed.describe("adi").stats.details["shards"]["1"]["state"] == "ok")
+    ids = [doc.id for batch in batches[:len(acknowledged)] for doc in batch]
+    assert [d.id for d in routed.get("adi", ids).documents] == ids
