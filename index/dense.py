@@ -10,6 +10,7 @@ import numpy as np
 
 from .documents import Document
 from .encoders import load_encoder
+from .errors import InvalidArgument
 from .retriever import Hit, Retriever, excluded, top_hits
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,9 @@ class DenseRetriever(Retriever):
     def search(self, parts, deleted, query: np.ndarray, k: int, params: dict | None = None,
                hidden: list[np.ndarray] | None = None) -> list[Hit]:
         hits: list[Hit] = []
-        query = query.reshape(1, -1).astype("float32")
+        query = np.asarray(query, "float32").reshape(1, -1)
+        if parts and query.shape[1] != parts[0].vectors.shape[1]:
+            raise InvalidArgument(f"a dense query has dimension {query.shape[1]}, the index {parts[0].vectors.shape[1]}")
         for segment, (part, gone) in enumerate(zip(parts, excluded(deleted, hidden))):
             allowed = part.index.ntotal - len(gone)
             if allowed <= 0:

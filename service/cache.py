@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 
 import numpy as np
 
 from . import metrics
+from .client import array_bytes, bytes_array
 from .redis_link import RedisLink
 
 
@@ -54,10 +54,8 @@ class EncodingCache:
     async def get(self, key: str) -> np.ndarray | None:
         raw = await self.link.call("get", key)
         metrics.CACHE_REQUESTS.labels("encoding", "hit" if raw else "miss").inc()
-        return np.load(io.BytesIO(raw), allow_pickle=False) if raw else None
+        return bytes_array(raw) if raw else None
 
     async def put(self, key: str, array) -> None:
         if isinstance(array, np.ndarray):
-            buffer = io.BytesIO()
-            np.save(buffer, array, allow_pickle=False)
-            await self.link.call("set", key, buffer.getvalue(), ex=self.ttl)
+            await self.link.call("set", key, array_bytes(array), ex=self.ttl)

@@ -1,9 +1,11 @@
 """A small Python client for Sieve's gRPC API (the CLI, tests and benchmarks use it)."""
 from __future__ import annotations
 
+import io
 from typing import Iterable, Iterator
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
@@ -74,6 +76,33 @@ def statistics_message(corpus: CorpusStatistics) -> pb.CorpusStatistics:
 
 def corpus_statistics(message: pb.CorpusStatistics) -> CorpusStatistics:
     return CorpusStatistics(message.documents, message.length, dict(message.frequencies))
+
+
+def array_bytes(array: np.ndarray) -> bytes:
+    """An array in .npy format: no pickle crosses the wire or comes back from a cache."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def bytes_array(raw: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+def encoded_message(encoded) -> pb.EncodedQuery:
+    """A retriever's query representation on the wire: an array, or lexical term weights."""
+    if isinstance(encoded, dict):
+        return pb.EncodedQuery(terms=pb.TermWeights(weights=encoded))
+    return pb.EncodedQuery(array=array_bytes(encoded))
+
+
+def encoded_query(message: pb.EncodedQuery):
+    if message.WhichOneof("form") == "terms":
+        return dict(message.terms.weights)
+    try:
+        return bytes_array(message.array)
+    except ValueError as error:
+        raise InvalidArgument(f"an encoded query is not a .npy array: {error}") from None
 
 
 def search_options(retrievers: Iterable[str] = (), fusion: str = "", rerank: bool | None = None,

@@ -418,18 +418,21 @@ class Engine(BaseEngine):
         return result
 
     # A shard of a sharded collection: the router's two phases ---------------------------------
-    async def statistics(self, collection: str, text: str, retrievers: tuple[str, ...]) -> tuple[dict, int]:
+    async def statistics(self, collection: str, text: str, retrievers: tuple[str, ...],
+                         encoded: dict | None = None) -> tuple[dict, int]:
         """(corpus statistics by lexical retriever, generation) for a query."""
         target = self.collection(collection)
         self.check_text(text)
         names = tuple(n for n in target.check_retrievers(retrievers) if target.retrievers[n].needs_corpus_statistics)
-        encoded = await self._encode_all(target, names, text)
+        encoded = await self._encode_all(target, names, text, encoded)
         return await asyncio.to_thread(target.statistics, encoded), target.snapshot.generation
 
     async def candidates(self, collection: str, text: str, retrievers: tuple[str, ...], depth: int,
                          filter: dict | None = None, multivector: dict | None = None,
-                         statistics: dict | None = None) -> tuple[dict[str, list[tuple[str, float]]], int, dict]:
-        """Each retriever's best `depth` (id, raw score), scored with the collection-wide `statistics`."""
+                         statistics: dict | None = None,
+                         encoded: dict | None = None) -> tuple[dict[str, list[tuple[str, float]]], int, dict]:
+        """Each retriever's best `depth` (id, raw score), scored with the collection-wide `statistics`,
+        for the query as the router `encoded` it (or as encoded here)."""
         target = self.collection(collection)
         self.check_text(text)
         limit = max(self.config.max_k, self.config.max_rerank_passages, FUSION_DEPTH)
@@ -440,11 +443,16 @@ class Engine(BaseEngine):
         params = {name: {"corpus": corpus} for name, corpus in (statistics or {}).items()}
         params["multivector"] = multivector or {}
         async with self.searches:
-            encoded = await self._encode_all(target, names, text)
-            return await asyncio.to_thread(target.candidates, encoded, depth, params, admitted)
+            queries = await self._encode_all(target, names, text, encoded)
+            return await asyncio.to_thread(target.candidates, queries, depth, params, admitted)
 
-    async def _encode_all(self, collection: Collection, names: tuple[str, ...], text: str) -> dict:
-        return dict(zip(names, await asyncio.gather(*(self._encode(collection, n, text) for n in names))))
+    async def _encode_all(self, collection: Collection, names: tuple[str, ...], text: str,
+                          given: dict | None = None) -> dict:
+        """Each retriever's query representation: `given` (a router encoded it) or encoded here."""
+        given = given or {}
+        missing = [name for name in names if name not in given]
+        encoded = dict(zip(missing, await asyncio.gather(*(self._encode(collection, n, text) for n in missing))))
+        return {name: given[name] if name in given else encoded[name] for name in names}
 
     async def _encode(self, collection: Collection, name: str, text: str):
         """A retriever's representation of a query: from the shared cache, or batched with concurrent ones."""

@@ -27,14 +27,15 @@ from sieve.index.errors import (AlreadyExists, CorruptIndex, InvalidArgument, No
 from sieve.index.filters import Filter
 from sieve.index.fusion import fuse
 from sieve.index.lexical import CorpusStatistics
-from sieve.index.registry import retriever_class
+from sieve.index.registry import make_retrievers, retriever_class
 from sieve.index.repair import RepairReport
 from sieve.index.settings import CollectionSettings
 from sieve.v1 import sieve_pb2 as pb
 from sieve.v1 import sieve_pb2_grpc as stubs
 
 from . import metrics
-from .client import corpus_statistics, document_message, filter_message, statistics_message, struct_dict
+from .client import (corpus_statistics, document_message, encoded_message, filter_message, statistics_message,
+                     struct_dict)
 from .config import ServerConfig
 from .engine import BaseEngine, CollectionInfo, SearchQuery, SearchResult, SnapshotInfo
 
@@ -84,6 +85,7 @@ class Router(BaseEngine):
         self.shards: list[Shard] = []
         self.metadata = (("authorization", f"Bearer {config.shard_api_key}"),) if config.shard_api_key else ()
         self._settings: dict[str, tuple[float, CollectionSettings, bool]] = {}
+        self._retrievers: dict[str, tuple[CollectionSettings, dict]] = {}  # the query encoders, per collection
 
     async def open(self) -> None:
         options = [("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -253,11 +255,14 @@ class Router(BaseEngine):
         timings: dict[str, float] = {}
         async with self.searches:
             start = time.perf_counter()
-            statistics, missing = await self._statistics(query, names)
+            encoded = await self._encode(query.collection, settings, names, query.text)
+            timings["encode"] = (time.perf_counter() - start) * 1000
+            start = time.perf_counter()
+            statistics, missing = await self._statistics(query, names, encoded)
             timings["statistics"] = (time.perf_counter() - start) * 1000
             start = time.perf_counter()
             request = pb.ShardCandidatesRequest(collection=query.collection, query=query.text, retrievers=names,
-                                                depth=per_retriever, statistics=statistics,
+                                                depth=per_retriever, statistics=statistics, encoded=encoded,
                                                 multivector=pb.MultiVectorOptions(**query.multivector))
             if query.filter:
                 request.filter.CopyFrom(filter_message(query.filter))
@@ -284,12 +289,27 @@ class Router(BaseEngine):
             metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
         return result
 
-    async def _statistics(self, query: SearchQuery, names: tuple[str, ...]) -> tuple[dict, list[str]]:
-        """Phase one: the lexical retrievers' corpus statistics, added up over the shards that answered."""
+    async def _encode(self, collection: str, settings: CollectionSettings, names: tuple[str, ...],
+                      text: str) -> dict[str, pb.EncodedQuery]:
+        """The query encoded once, here (micro-batched with concurrent searches), not once per shard."""
+        cached = self._retrievers.get(collection)
+        if cached is None or cached[0] != settings:
+            cached = (settings, await asyncio.to_thread(make_retrievers, settings))  # loads models: off the loop
+            self._retrievers[collection] = cached
+        retrievers = cached[1]
+        values = await asyncio.gather(*(self.batcher.submit((collection, name), retrievers[name].encode_queries, text)
+                                        for name in names))
+        return {name: encoded_message(value) for name, value in zip(names, values)}
+
+    async def _statistics(self, query: SearchQuery, names: tuple[str, ...],
+                          encoded: dict[str, pb.EncodedQuery]) -> tuple[dict, list[str]]:
+        """Phase one: the lexical retrievers' corpus statistics, added up over the shards that answered
+        (one shard's own are the collection's: no phase)."""
         lexical = [name for name in names if retriever_class(name).needs_corpus_statistics]
-        if not lexical:
+        if not lexical or len(self.shards) == 1:
             return {}, []
-        request = pb.ShardStatisticsRequest(collection=query.collection, query=query.text, retrievers=lexical)
+        request = pb.ShardStatisticsRequest(collection=query.collection, query=query.text, retrievers=lexical,
+                                            encoded={name: encoded[name] for name in lexical})
         answers, failed = await self._all(lambda shard: self._call(shard, shard.phases.Statistics, request),
                                           query.allow_partial)
         totals = {name: CorpusStatistics.total([corpus_statistics(a.statistics[name]) for a in answers

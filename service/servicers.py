@@ -12,7 +12,7 @@ from sieve.index.documents import Document
 from sieve.index.errors import InvalidArgument, ResourceExhausted
 from sieve.v1 import sieve_pb2 as pb
 
-from .client import corpus_statistics, document_message, filter_spec, statistics_message
+from .client import corpus_statistics, document_message, encoded_query, filter_spec, statistics_message
 from .engine import CollectionInfo, Engine, RerankOptions, SearchQuery, SearchResult
 from .rpc import check_decoded, rpc
 
@@ -204,12 +204,17 @@ class CollectionServicer(Servicer):
         return collection_info(await self.engine.compact(request.name))
 
 
+def encoded_queries(messages) -> dict:
+    return {name: encoded_query(message) for name, message in messages.items()}
+
+
 class ShardServicer(Servicer):
     """The internal phases a router asks of every shard (served by an Engine, not by a router)."""
 
     @rpc
     async def Statistics(self, request, context):
-        found, generation = await self.engine.statistics(request.collection, request.query, tuple(request.retrievers))
+        found, generation = await self.engine.statistics(request.collection, request.query, tuple(request.retrievers),
+                                                         encoded_queries(request.encoded))
         return pb.ShardStatisticsResponse(statistics={name: statistics_message(corpus) for name, corpus in found.items()},
                                           generation=generation)
 
@@ -219,7 +224,8 @@ class ShardServicer(Servicer):
             request.collection, request.query, tuple(request.retrievers), request.depth,
             (filter_spec(request.filter) or None) if request.HasField("filter") else None,
             multivector_options(request.multivector),
-            {name: corpus_statistics(message) for name, message in request.statistics.items()})
+            {name: corpus_statistics(message) for name, message in request.statistics.items()},
+            encoded_queries(request.encoded))
         response = pb.ShardCandidatesResponse(generation=generation, timings_ms=timings)
         for name, ranking in rankings.items():
             response.rankings[name].ids.extend(doc_id for doc_id, _ in ranking)

@@ -475,14 +475,44 @@ class CorpusStatistics(_message.Message):
     def __init__(self, documents: _Optional[int] = ..., length: _Optional[float] = ..., frequencies: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ShardStatisticsRequest(_message.Message):
-    __slots__ = ("collection", "query", "retrievers")
+    __slots__ = ("collection", "query", "retrievers", "encoded")
+    class EncodedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EncodedQuery
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EncodedQuery, _Mapping]] = ...) -> None: ...
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
     collection: str
     query: str
     retrievers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., retrievers: _Optional[_Iterable[str]] = ...) -> None: ...
+    encoded: _containers.MessageMap[str, EncodedQuery]
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., retrievers: _Optional[_Iterable[str]] = ..., encoded: _Optional[_Mapping[str, EncodedQuery]] = ...) -> None: ...
+
+class EncodedQuery(_message.Message):
+    __slots__ = ("array", "terms")
+    ARRAY_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    array: bytes
+    terms: TermWeights
+    def __init__(self, array: _Optional[bytes] = ..., terms: _Optional[_Union[TermWeights, _Mapping]] = ...) -> None: ...
+
+class TermWeights(_message.Message):
+    __slots__ = ("weights",)
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    weights: _containers.ScalarMap[str, float]
+    def __init__(self, weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ShardStatisticsResponse(_message.Message):
     __slots__ = ("statistics", "generation")
@@ -500,7 +530,7 @@ class ShardStatisticsResponse(_message.Message):
     def __init__(self, statistics: _Optional[_Mapping[str, CorpusStatistics]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ShardCandidatesRequest(_message.Message):
-    __slots__ = ("collection", "query", "retrievers", "depth", "filter", "multivector", "statistics")
+    __slots__ = ("collection", "query", "retrievers", "depth", "filter", "multivector", "statistics", "encoded")
     class StatisticsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -508,6 +538,13 @@ class ShardCandidatesRequest(_message.Message):
         key: str
         value: CorpusStatistics
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[CorpusStatistics, _Mapping]] = ...) -> None: ...
+    class EncodedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: EncodedQuery
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[EncodedQuery, _Mapping]] = ...) -> None: ...
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
@@ -515,6 +552,7 @@ class ShardCandidatesRequest(_message.Message):
     FILTER_FIELD_NUMBER: _ClassVar[int]
     MULTIVECTOR_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
     collection: str
     query: str
     retrievers: _containers.RepeatedScalarFieldContainer[str]
@@ -522,7 +560,8 @@ class ShardCandidatesRequest(_message.Message):
     filter: Filter
     multivector: MultiVectorOptions
     statistics: _containers.MessageMap[str, CorpusStatistics]
-    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., retrievers: _Optional[_Iterable[str]] = ..., depth: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., multivector: _Optional[_Union[MultiVectorOptions, _Mapping]] = ..., statistics: _Optional[_Mapping[str, CorpusStatistics]] = ...) -> None: ...
+    encoded: _containers.MessageMap[str, EncodedQuery]
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., retrievers: _Optional[_Iterable[str]] = ..., depth: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., multivector: _Optional[_Union[MultiVectorOptions, _Mapping]] = ..., statistics: _Optional[_Mapping[str, CorpusStatistics]] = ..., encoded: _Optional[_Mapping[str, EncodedQuery]] = ...) -> None: ...
 
 class Ranking(_message.Message):
     __slots__ = ("ids", "scores")
