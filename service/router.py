@@ -11,6 +11,7 @@ Kubernetes' (deploy/kubernetes/sharded/).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -124,16 +125,12 @@ class Router(BaseEngine):
         """`call(shard)` on every shard at once: (answers in shard order, None for a shard that failed;
         the failures). Without `partial`, any failure is the error (with every failing shard named)."""
         outcomes = await asyncio.gather(*(call(shard) for shard in self.shards), return_exceptions=True)
-        failures = [f"{error}" for error in outcomes if isinstance(error, Exception)]
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, SieveError):
-                raise outcome
-        if failures and not partial:
-            first = next(o for o in outcomes if isinstance(o, Exception))
-            raise type(first)("; ".join(failures)) if len(failures) > 1 else first
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures and not partial or any(not isinstance(f, SieveError) for f in failures):
+            raise_all(failures)
         if failures:
             metrics.PARTIAL_RESPONSES.inc()
-        return [None if isinstance(o, Exception) else o for o in outcomes], failures
+        return [None if isinstance(o, BaseException) else o for o in outcomes], [str(f) for f in failures]
 
     def _owners(self, ids: list[str]) -> dict[int, list[str]]:
         owners: dict[int, list[str]] = {}
@@ -146,9 +143,7 @@ class Router(BaseEngine):
         owners = self._owners(ids)
         outcomes = await asyncio.gather(*(call(self.shards[position], owned) for position, owned in owners.items()),
                                         return_exceptions=True)
-        failures = [o for o in outcomes if isinstance(o, Exception)]
-        if failures:
-            raise type(failures[0])("; ".join(map(str, failures))) if len(failures) > 1 else failures[0]
+        raise_all([o for o in outcomes if isinstance(o, BaseException)])
         return outcomes
 
     # Collections -----------------------------------------------------------------------------
@@ -156,12 +151,23 @@ class Router(BaseEngine):
         return (await self._settings_and_default(collection))[0]
 
     async def _settings_and_default(self, collection: str) -> tuple[CollectionSettings, bool]:
-        """Settings and the measured rerank default, from the first shard, kept a few seconds."""
+        """Settings and the measured rerank default, from the first shard that answers, kept a few seconds
+        (and kept while no shard answers: a search that allows partial results still runs)."""
         cached = self._settings.get(collection)
         if cached and time.monotonic() - cached[0] < SETTINGS_TTL_SECONDS:
             return cached[1], cached[2]
-        info = await self._call(self.shards[0], self.shards[0].collections.DescribeCollection,
-                                pb.DescribeCollectionRequest(name=collection))
+        failures = []
+        for shard in self.shards:
+            try:
+                info = await self._call(shard, shard.collections.DescribeCollection,
+                                        pb.DescribeCollectionRequest(name=collection))
+                break
+            except Unavailable as error:
+                failures.append(error)
+        else:
+            if cached:
+                return cached[1], cached[2]
+            raise_all(failures)
         settings = CollectionSettings.from_dict(struct_dict(info.settings))
         default = bool(struct_dict(info.stats.details).get("rerank", {}).get("default", False))
         self._settings[collection] = (time.monotonic(), settings, default)
@@ -340,29 +346,20 @@ class Router(BaseEngine):
         validate_batch(docs, self.config.max_batch_documents, self.config.max_document_chars)
         by_id = {doc.id: doc for doc in docs}
 
-        async def one(shard: Shard, owned: list[str]):
+        async def one(shard: Shard, owned: list[str]) -> pb.UpsertResponse:
             request = pb.UpsertRequest(collection=collection, documents=[document_message(by_id[i]) for i in owned])
-            start = time.perf_counter()
-            try:
-                async for response in shard.ingest.Upsert(iter([request]), timeout=600, metadata=self.metadata):
-                    return response
-            except grpc.aio.AioRpcError as error:
-                metrics.SHARD_FAILURES.labels(shard.name, error.code().name).inc()
-                kind = ERRORS.get(error.code(), Unavailable)
-                raise kind(f"shard {shard.name} ({shard.address}) did not commit its {len(owned)} documents: "
-                           f"{error.details()}") from None
-            finally:
-                metrics.SHARD_SECONDS.labels(shard.name).observe(time.perf_counter() - start)
+            return await self._call(shard, functools.partial(first_response, shard.ingest.Upsert), request, 600)
 
         owners = self._owners(list(by_id))
         outcomes = await asyncio.gather(*(one(self.shards[p], owned) for p, owned in owners.items()),
                                         return_exceptions=True)
-        failures = [o for o in outcomes if isinstance(o, Exception)]
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
         if failures:
-            done = sum(len(owned) for (p, owned), o in zip(owners.items(), outcomes) if not isinstance(o, Exception))
-            message = "; ".join(map(str, failures)) + f" ({done} documents on the other shards are committed; " \
-                                                      "sending the batch again is safe)"
-            raise type(failures[0])(message)
+            done = sum(len(owned) for owned, o in zip(owners.values(), outcomes) if not isinstance(o, BaseException))
+            if not all(isinstance(f, SieveError) for f in failures):
+                raise_all(failures)
+            raise type(failures[0])("; ".join(map(str, failures)) + f" ({done} documents on the other shards are "
+                                    "committed; sending the batch again is safe)")
         return UpsertResult(sum(o.upserted for o in outcomes), sum(o.pruned for o in outcomes),
                             sum(o.generation for o in outcomes))
 
@@ -397,6 +394,22 @@ class Router(BaseEngine):
         answers = await self._each_owner(list(dict.fromkeys(ids)), lambda shard, owned: self._call(
             shard, shard.ingest.Reinstate, pb.ReinstateRequest(collection=collection, ids=owned), timeout=600))
         return UpsertResult(sum(a.upserted for a in answers), 0, sum(a.generation for a in answers))
+
+
+async def first_response(upsert, request, timeout: float, metadata) -> pb.UpsertResponse:
+    """One batch through the Upsert stream: its acknowledgement."""
+    async for response in upsert(iter([request]), timeout=timeout, metadata=metadata):
+        return response
+    raise Unavailable("the shard closed the stream without acknowledging the batch")
+
+
+def raise_all(failures: list[BaseException]) -> None:
+    """Nothing, or one error naming every failed shard (of the first failure's kind)."""
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        first = failures[0]
+        raise (type(first)("; ".join(map(str, failures))) if isinstance(first, SieveError) else first)
 
 
 def merged(rankings: list[pb.Ranking], depth: int) -> list[tuple[str, float]]:
