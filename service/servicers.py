@@ -13,7 +13,7 @@ from sieve.index.errors import InvalidArgument, ResourceExhausted
 from sieve.v1 import sieve_pb2 as pb
 
 from .client import corpus_statistics, document_message, encoded_query, filter_spec, statistics_message
-from .engine import CollectionInfo, Engine, RerankOptions, SearchQuery, SearchResult
+from .engine import BaseEngine, CollectionInfo, RerankOptions, SearchQuery, SearchResult
 from .rpc import check_decoded, rpc
 
 
@@ -72,7 +72,7 @@ def collection_info(info: CollectionInfo) -> pb.CollectionInfo:
 
 
 class Servicer:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: BaseEngine):
         self.engine = engine
 
     def check_size(self, response, what: str, advice: str):
