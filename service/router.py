@@ -126,8 +126,9 @@ class Router(BaseEngine):
         the failures). Without `partial`, any failure is the error (with every failing shard named)."""
         outcomes = await asyncio.gather(*(call(shard) for shard in self.shards), return_exceptions=True)
         failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures and not partial or any(not isinstance(f, SieveError) for f in failures):
-            raise_all(failures)
+        if failures and (not partial or len(failures) == len(outcomes)) or \
+                any(not isinstance(f, SieveError) for f in failures):
+            raise_all(failures)  # partial results need at least one shard
         if failures:
             metrics.PARTIAL_RESPONSES.inc()
         return [None if isinstance(o, BaseException) else o for o in outcomes], [str(f) for f in failures]

@@ -34,6 +34,28 @@ def test_shard_addresses_and_owners():
     assert total == CorpusStatistics(5, 15.0, {"a": 3.0, "b": 1.0})
 
 
+def test_with_no_shard_answering_even_a_partial_search_is_unavailable():
+    import asyncio
+
+    from sieve.index.errors import Unavailable
+    from sieve.service.config import ServerConfig
+    from sieve.service.engine import SearchQuery
+    from sieve.service.process import free_port
+    from sieve.service.router import Router
+
+    async def scenario():
+        router = Router(ServerConfig(shards=f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}",
+                                     shard_timeout_seconds=2))
+        await router.open()
+        try:
+            with pytest.raises(Unavailable, match="shard 0 .*; shard 1 "):
+                await router.search(SearchQuery("c", "anything", allow_partial=True))
+        finally:
+            await router.close()
+
+    asyncio.run(scenario())
+
+
 def wait_for(condition, seconds: float = 20) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
