@@ -134,6 +134,15 @@ class SnapshotInfo:
     url: str = ""  # where it was copied to, if anywhere
 
 
+def make_engine(config: ServerConfig) -> "BaseEngine":
+    """A router when the configuration names shards, else the engine over the data directory."""
+    if config.shards:
+        from .router import Router  # imports this module
+
+        return Router(config)
+    return Engine(config)
+
+
 def rerank_default(collection: Collection) -> tuple[bool, str]:
     """(on by default?, why). With `rerank` unset in its settings, a collection reranks only if `sieve
     evaluate` measured that the reranker beats its fused first stage on judged queries. Reads a file."""

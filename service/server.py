@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import metrics
 from .config import ServerConfig, StartupError
-from .engine import Engine
+from .engine import make_engine
 from .rpc import generic_handler
 from .servicers import SERVICERS
 
@@ -51,12 +51,7 @@ class Server:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        if config.shards:
-            from .router import Router
-
-            self.engine = Router(config)
-        else:
-            self.engine = Engine(config)
+        self.engine = make_engine(config)
         self.health = health_aio.HealthServicer()
         limits = [("grpc.max_receive_message_length", config.max_message_bytes),
                   ("grpc.max_send_message_length", config.max_message_bytes)]

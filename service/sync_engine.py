@@ -5,8 +5,9 @@
         engine.upsert("notes", [Document("a", "Oak trees drop acorns in autumn.")])
         hits = engine.search(SearchQuery("notes", "acorns")).hits
 
-Every coroutine method of Engine, blocking: they run on the engine's own event loop in a background
-thread, so micro-batching and the worker threads behave as in the server.
+Every coroutine method of the engine, blocking: they run on the engine's own event loop in a background
+thread, so micro-batching and the worker threads behave as in the server. With `shards=...` it is a
+router over a sharded deployment instead (see service/router.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import inspect
 import threading
 
 from .config import ServerConfig
-from .engine import Engine
+from .engine import BaseEngine, make_engine
 
 
 class SyncEngine:
@@ -24,14 +25,14 @@ class SyncEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="sieve-engine", daemon=True)
         self._thread.start()
         try:
-            self.engine: Engine = self._run(self._start(config or ServerConfig(**settings)))
+            self.engine: BaseEngine = self._run(self._start(config or ServerConfig(**settings)))
         except BaseException:
             self._stop_loop()
             raise
 
     @staticmethod
-    async def _start(config: ServerConfig) -> Engine:
-        engine = Engine(config)  # made on its loop: the semaphore and batcher belong to it
+    async def _start(config: ServerConfig) -> BaseEngine:
+        engine = make_engine(config)  # made on its loop: the semaphore and batcher belong to it
         await engine.open()
         return engine
 

@@ -128,6 +128,18 @@ def test_a_sharded_collection_ranks_as_one_node(cluster):
     assert all(r.metadata["year"] >= 1967 for r in ours.results) and ours.results[0].text
 
 
+def test_the_sync_engine_routes_in_process(cluster):
+    from sieve.service.engine import SearchQuery
+    from sieve.service.sync_engine import SyncEngine
+
+    text = cluster["docs"][9].title
+    with SyncEngine(shards=",".join(s.target for s in cluster["shards"])) as engine:
+        found = engine.search(SearchQuery("adi", text, k=5, retrievers=("bm25",)))
+    over_grpc = cluster["routed"].search("adi", text, k=5, retrievers=["bm25"])
+    assert [(h.id, round(h.score, 5)) for h in found.hits] == [(r.id, round(r.score, 5)) for r in over_grpc.results]
+    assert sorted(found.shard_generations) == ["0", "1", "2"]
+
+
 def test_writes_go_to_the_owning_shard_and_reads_follow(cluster):
     routed, docs = cluster["routed"], cluster["docs"]
     info = routed.describe("adi")
