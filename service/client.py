@@ -22,6 +22,11 @@ def document_message(doc: Document) -> pb.Document:
     return pb.Document(id=doc.id, title=doc.title, text=doc.text, metadata=metadata)
 
 
+def document_of(message: pb.Document) -> Document:
+    """The inverse of document_message."""
+    return Document(message.id, message.text, message.title, struct_dict(message.metadata))
+
+
 def plain_numbers(value):
     """protobuf Structs hold every number as a double: 32.0 is the setting 32, 1968.0 the year 1968."""
     if isinstance(value, float) and value.is_integer():

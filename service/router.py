@@ -35,8 +35,8 @@ from sieve.v1 import sieve_pb2 as pb
 from sieve.v1 import sieve_pb2_grpc as stubs
 
 from . import metrics
-from .client import (corpus_statistics, document_message, encoded_message, filter_message, statistics_message,
-                     struct_dict)
+from .client import (corpus_statistics, document_message, document_of, encoded_message, filter_message,
+                     statistics_message, struct_dict)
 from .config import ServerConfig
 from .engine import BaseEngine, CollectionInfo, SearchQuery, SearchResult, SnapshotInfo
 
@@ -283,7 +283,7 @@ class Router(BaseEngine):
             fused = fuse(query.fusion or settings.fusion, rankings, settings.rrf_k, settings.fusion_weights)[:depth]
             timings["fusion"] = (time.perf_counter() - start) * 1000
             start = time.perf_counter()
-            documents = await self._documents(query.collection, [doc_id for doc_id, _ in fused])
+            documents, _ = await self._fetch(query.collection, [doc_id for doc_id, _ in fused])
             timings["fetch"] = (time.perf_counter() - start) * 1000
             generations = {shard.name: answer.generation for shard, answer in zip(self.shards, answers) if answer}
             result = SearchResult([SearchHit(doc_id, score, documents[doc_id]) for doc_id, score in fused
@@ -323,22 +323,20 @@ class Router(BaseEngine):
                                                 if a is not None and name in a.statistics]) for name in lexical}
         return {name: statistics_message(total) for name, total in totals.items()}, failed
 
-    async def _documents(self, collection: str, ids: list[str]) -> dict[str, Document]:
+    async def _fetch(self, collection: str, ids: list[str]) -> tuple[dict[str, Document], int]:
+        """The documents of `ids` from the shards that own them (those found), and the generations' sum."""
         if not ids:
-            return {}
-        answers = await self._each_owner(ids, lambda shard, owned: self._call(
+            return {}, 0
+        answers = await self._each_owner(list(dict.fromkeys(ids)), lambda shard, owned: self._call(
             shard, shard.search.Get, pb.GetRequest(collection=collection, ids=owned)))
-        return {message.id: Document(message.id, message.text, message.title, struct_dict(message.metadata))
-                for answer in answers for message in answer.documents}
+        found = {m.id: document_of(m) for answer in answers for m in answer.documents}
+        return found, sum(answer.generation for answer in answers)
 
     async def get(self, collection: str, ids: list[str]) -> tuple[list[Document], list[str], int]:
         if not 1 <= len(ids) <= self.config.max_batch_documents:
             raise InvalidArgument(f"ask for 1..{self.config.max_batch_documents} ids, not {len(ids)}")
-        answers = await self._each_owner(list(dict.fromkeys(ids)), lambda shard, owned: self._call(
-            shard, shard.search.Get, pb.GetRequest(collection=collection, ids=owned)))
-        found = {m.id: Document(m.id, m.text, m.title, struct_dict(m.metadata)) for a in answers for m in a.documents}
-        return ([found[i] for i in ids if i in found], [i for i in ids if i not in found],
-                sum(a.generation for a in answers))
+        found, generation = await self._fetch(collection, ids)
+        return [found[i] for i in ids if i in found], [i for i in ids if i not in found], generation
 
     # Writes ----------------------------------------------------------------------------------
     async def upsert(self, collection: str, docs: list[Document], prune: bool = True) -> UpsertResult:
