@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from .documents import Document, validate_batch
+from .documents import Document
 from .errors import CorruptIndex, InvalidArgument, NotFound, ReadOnly
-from .filters import Filter, check_metadata
+from .filters import Filter
 from .fusion import fuse
 from .manifest import MANIFESTS_KEPT, Snapshot, manifest_number, read_manifest, read_settings
+from .pipeline import check_documents, encode, split_pruned
 from .registry import make_retrievers
 from .repair import QUARANTINE
 from .segment import SEGMENT_NAME, PreparedBatch, Segment, write_segment
@@ -259,15 +260,9 @@ class Collection:
         """Validation (once, with the caller's limits), quality pruning, then encoding by every index: the
         costly part, outside the write lock."""
         self._check_writable()
-        validate_batch(docs, max_docs, max_chars)
-        for doc in docs:
-            check_metadata(doc.metadata, self.settings.filterable, doc.id)
-        kept, pruned, quality = docs, [], None
-        if prune and self.settings.quality_estimator != "none":
-            from .quality import split_by_quality
-
-            kept, pruned, quality = split_by_quality(docs, self.settings)
-        encoded = {name: r.encode_documents(kept) for name, r in self.retrievers.items()} if kept else {}
+        check_documents(docs, self.settings, max_docs, max_chars)
+        kept, pruned, quality = split_pruned(docs, self.settings, prune)
+        encoded = encode(kept, self.retrievers)
         return PreparedBatch(kept + pruned, len(kept), encoded, quality)
 
     def commit(self, batch: PreparedBatch) -> UpsertResult:
@@ -285,6 +280,48 @@ class Collection:
                                       deleted).generation
         self._maybe_compact()
         return UpsertResult(batch.indexed, len(batch.documents) - batch.indexed, generation)
+
+    def import_segments(self, folders: list[Path]) -> UpsertResult:
+        """Bulk import: segments built elsewhere with this collection's settings (service/ray_ingest.py),
+        moved in, opened (so every checksum is verified) and committed in ONE generation, in order. Earlier
+        versions of their ids become tombstones, a later segment's version winning, as in upserts. A
+        failure before the manifest leaves the collection as it was (the segments moved in are removed)."""
+        with self._write_lock, storage_errors(self.directory.parent):
+            self._check_writable()
+            snapshot = self.snapshot
+            deleted = self._deleted_lists()
+            segments = list(snapshot.segments)
+            where = dict(snapshot.id_map)  # id -> (position, row) of its current version
+            imported: list[Path] = []
+            name = 0
+            try:
+                for folder in folders:
+                    name = max(time.time_ns(), name + 1)  # names are creation times: commit order for repair
+                    target = self.directory / "segments" / f"seg-{name:020d}"
+                    shutil.move(folder, target)  # a rename where the staging is on this file system
+                    imported.append(target)
+                    try:
+                        segment = Segment(target, self.retrievers, self._label(target), self.settings.filterable)
+                    except CorruptIndex as error:
+                        raise InvalidArgument(f"staged segment {folder.name} fails verification: {error}") from None
+                    for row, doc_id in enumerate(segment.ids):
+                        if doc_id in where:
+                            position, earlier = where[doc_id]
+                            deleted.setdefault(segments[position].name, []).append(earlier)
+                        where[doc_id] = (len(segments), row)
+                    segments.append(segment)
+                generation = self._commit(None, segments, deleted).generation
+            except BaseException:
+                if self.snapshot is snapshot:  # not committed: nothing of this import stays
+                    for segment in segments[len(snapshot.segments):]:
+                        segment.close()
+                    for target in imported:
+                        shutil.rmtree(target, ignore_errors=True)
+                raise
+        self._maybe_compact()
+        new = segments[len(snapshot.segments):]
+        indexed = sum(s.indexed for s in new)
+        return UpsertResult(indexed, sum(len(s) for s in new) - indexed, generation)
 
     def upsert(self, docs: list[Document], prune: bool = True, max_docs: int | None = None,
                max_chars: int | None = None) -> UpsertResult:

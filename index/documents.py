@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import InvalidArgument
 
@@ -91,20 +91,45 @@ def read_jsonl(path: str | Path) -> Iterator[Document | BadLine]:
     """Yield each line's document, or a BadLine naming the file and line of one that is malformed."""
     path = Path(path)
     with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                doc = Document.from_json(json.loads(raw.decode("utf-8")))
-                validate_document(doc)
-            except UnicodeDecodeError:
-                yield BadLine(path, number, "not valid UTF-8")
-            except json.JSONDecodeError as error:
-                yield BadLine(path, number, f"not valid JSON ({error.msg})")
-            except InvalidArgument as error:
-                yield BadLine(path, number, str(error))
-            else:
-                yield doc
+        yield from parse_jsonl(lines, path)
+
+
+def parse_jsonl(lines: Iterable[bytes], path: Path) -> Iterator[Document | BadLine]:
+    """read_jsonl over lines already read (a Ray worker's file, from any file system)."""
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            doc = Document.from_json(json.loads(raw.decode("utf-8")))
+            validate_document(doc)
+        except UnicodeDecodeError:
+            yield BadLine(path, number, "not valid UTF-8")
+        except json.JSONDecodeError as error:
+            yield BadLine(path, number, f"not valid JSON ({error.msg})")
+        except InvalidArgument as error:
+            yield BadLine(path, number, str(error))
+        else:
+            yield doc
+
+
+def batches(items: Iterable[Document | BadLine], size: int,
+            problems: list[str]) -> Iterator[tuple[list[Document], int]]:
+    """Batches of valid documents, each with the number of lines read up to its end (skipped ones too,
+    appended to `problems`); a repeated id starts a new batch so the later line wins. `sieve ingest` and
+    the Ray path cut a file with this one rule, so their batches (and pruning, segments) are the same."""
+    batch: dict[str, Document] = {}
+    lines = 0
+    for item in items:
+        if isinstance(item, BadLine):
+            problems.append(str(item))
+        else:
+            if item.id in batch or len(batch) >= size:
+                yield list(batch.values()), lines
+                batch = {}
+            batch[item.id] = item
+        lines += 1
+    if batch:
+        yield list(batch.values()), lines
 
 
 def corpus_file(path: str | Path) -> Path:

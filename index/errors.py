@@ -32,3 +32,7 @@ class ReadOnly(SieveError):
 
 class Unavailable(SieveError):
     """The server cannot do this now (still loading, or the disk failed); retrying may succeed."""
+
+
+class FailedPrecondition(SieveError):
+    """The request is well formed but the system is not in a state to do it (e.g. settings changed since)."""

@@ -51,24 +51,39 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _batches(path: Path, size: int, problems: list):
-    """Batches of valid documents, each with the number of lines read up to its end (skipped ones too);
-    a repeated id starts a new batch so the later line wins."""
-    from sieve.index.documents import BadLine, read_jsonl
+def _create_if_missing(client, args) -> None:
+    import grpc
 
-    batch: dict[str, object] = {}
-    lines = 0
-    for item in read_jsonl(path):
-        if isinstance(item, BadLine):
-            problems.append(str(item))
-        else:
-            if item.id in batch or len(batch) >= size:
-                yield list(batch.values()), lines
-                batch = {}
-            batch[item.id] = item
-        lines += 1
-    if batch:
-        yield list(batch.values()), lines
+    try:  # one name's existence, not every collection's statistics
+        client.create_collection(args.collection, _settings(args.settings))
+        print(f"created collection {args.collection!r}", file=sys.stderr)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+
+
+def cmd_ingest_ray(args) -> int:
+    """The corpus encoded on a Ray cluster, staged, then committed by the server in one generation."""
+    from sieve.index.errors import SieveError
+
+    from .ray_ingest import ingest_with_ray
+
+    with _client(args) as client:
+        _create_if_missing(client, args)
+        try:
+            report = ingest_with_ray(args.path, args.collection, client, staging=args.staging or os.environ.get("SIEVE_STAGING", ""),
+                                     address=None if args.ray == "local" else args.ray, batch_size=args.batch_size,
+                                     workers=args.workers, job_id=args.job_id or "")
+        except SieveError as error:
+            print(f"error: {error}; nothing was committed", file=sys.stderr)
+            return 1
+    committed = report.committed
+    print(f"ingested {committed.upserted if committed else 0} documents into {args.collection!r} in one commit "
+          f"({len(report.segments)} segments), pruned {report.pruned} by quality, skipped {len(report.skipped)} "
+          f"malformed lines; {report.lines} lines in {report.wall_seconds:.1f} s")
+    for problem in report.skipped[:20]:
+        print(f"  skipped {problem}", file=sys.stderr)
+    return 1 if report.skipped and args.strict else 0
 
 
 def cmd_ingest(args) -> int:
@@ -77,8 +92,10 @@ def cmd_ingest(args) -> int:
     import grpc
     from tqdm import tqdm
 
-    from sieve.index.documents import corpus_file
+    from sieve.index.documents import batches, corpus_file, read_jsonl
 
+    if args.ray is not None:
+        return cmd_ingest_ray(args)
     try:
         path = corpus_file(args.path)
     except FileNotFoundError as error:
@@ -90,12 +107,7 @@ def cmd_ingest(args) -> int:
     upserted = pruned = 0
     with _client(args) as client:
         if not args.queue:
-            try:  # one name's existence, not every collection's statistics
-                client.create_collection(args.collection, _settings(args.settings))
-                print(f"created collection {args.collection!r}", file=sys.stderr)
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.ALREADY_EXISTS:
-                    raise
+            _create_if_missing(client, args)
         # The bar counts lines read, so that skipped lines move it too and it ends at 100%.
         bar = tqdm(total=total_lines, unit="line", desc=f"{'queue' if args.queue else 'ingest'} {path.name}")
 
@@ -107,7 +119,7 @@ def cmd_ingest(args) -> int:
             from .queue import publish
 
             def published_batches():
-                for batch, lines_read in _batches(path, args.batch_size, problems):
+                for batch, lines_read in batches(read_jsonl(path), args.batch_size, problems):
                     yield batch
                     show(lines_read)  # publish asks for the next batch once this one is on the stream
 
@@ -120,7 +132,7 @@ def cmd_ingest(args) -> int:
             lines_sent: deque[int] = deque()  # lines read up to the end of each batch sent, in order
 
             def sent_batches():
-                for batch, lines_read in _batches(path, args.batch_size, problems):
+                for batch, lines_read in batches(read_jsonl(path), args.batch_size, problems):
                     lines_sent.append(lines_read)
                     yield batch
 
@@ -381,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
                                            "(default: the server's defaults)")
     ingest.add_argument("--queue", help="redis://... : publish to the ingestion stream instead")
     ingest.add_argument("--strict", action="store_true", help="exit 1 if any line was skipped")
+    ingest.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="encode on a Ray cluster (its address, e.g. ray://head:10001 or auto; none: a local one) "
+                             "and commit everything at once; PATH may be a folder, glob or fsspec URL of JSONL or "
+                             "Parquet files (pip install 'sieve[ray]')")
+    ingest.add_argument("--staging", help="--ray: folder or URL for the prebuilt segments, which the workers write "
+                                           "and the server reads (under its SIEVE_IMPORT_ROOTS) (default: SIEVE_STAGING)")
+    ingest.add_argument("--workers", type=int, default=0, help="--ray: encoder actors (0: one per GPU, else per CPU)")
+    ingest.add_argument("--job-id", help="--ray: names the job; running it again replaces what an interrupted run "
+                                         "staged (default: from the collection and PATH)")
     ingest.set_defaults(run=cmd_ingest)
 
     search = client_command("search", "search a collection")

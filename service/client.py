@@ -177,6 +177,12 @@ class SieveClient:
                     for batch in batches)
         return self.ingest_stub.Upsert(requests, timeout=timeout, metadata=self.metadata)
 
+    def import_segments(self, collection: str, job: str, segments: list[str],
+                        timeout: float | None = 3600) -> pb.UpsertResponse:
+        return self.ingest_stub.ImportSegments(pb.ImportSegmentsRequest(collection=collection, job=job,
+                                                                        segments=segments),
+                                               timeout=timeout, metadata=self.metadata)
+
     def delete(self, collection: str, ids: list[str]) -> pb.DeleteResponse:
         return self.ingest_stub.Delete(pb.DeleteRequest(collection=collection, ids=ids), metadata=self.metadata)
 

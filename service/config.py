@@ -53,6 +53,9 @@ class ServerConfig:
     # Where snapshots may be copied to and restored from: fsspec URL prefixes separated by commas
     # (s3://backups/sieve/,file:///mnt/backups/); none: only the data directory's .snapshots/.
     snapshot_targets: str = ""
+    # Where ImportSegments may read batch jobs' prebuilt segments (`sieve ingest --ray`): folders or fsspec
+    # URL prefixes separated by commas; the data directory's .staging/ always.
+    import_roots: str = ""
     # Router mode: the shards' addresses (host:port, comma-separated; name-{0..2}.service:50051 for a
     # StatefulSet). A router holds no data and serves every collection split over all of them.
     shards: str = ""

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sieve.index.bulk import check_job, fetch_job, is_url, remove_job
 from sieve.index.catalog import Catalog
 from sieve.index.collection import FUSION_DEPTH, Collection, Health, SearchHit, UpsertResult
 from sieve.index.documents import Document
@@ -42,6 +43,7 @@ from .models import check_models
 log = logging.getLogger("sieve.engine")
 
 SNAPSHOTS = ".snapshots"  # under the data directory; the catalog never opens what starts with a dot
+STAGING = ".staging"  # under the data directory: batch jobs' prebuilt segments (index/bulk.py)
 CACHED_ENCODINGS = ("dense", "multivector")  # model outputs worth sharing; word counts are cheaper to redo
 
 
@@ -195,6 +197,10 @@ class BaseEngine(ABC):
 
     @abstractmethod
     async def upsert(self, collection: str, docs: list[Document], prune: bool = True) -> UpsertResult: ...
+
+    @abstractmethod
+    async def import_segments(self, collection: str, job: str, segments: list[str]) -> UpsertResult:
+        """Commit a batch job's prebuilt segments in one generation (see index/bulk.py)."""
 
     @abstractmethod
     async def delete(self, collection: str, ids: list[str]) -> tuple[int, list[str], int]: ...
@@ -499,6 +505,40 @@ class Engine(BaseEngine):
         metrics.INGESTED.labels(target.name).inc(len(docs))
         log.info("%s: committed %d documents (%d pruned), generation %d", target.name, result.upserted,
                  result.pruned, result.generation)
+        await self._record(target)
+        return result
+
+    async def import_segments(self, collection: str, job: str, segments: list[str]) -> UpsertResult:
+        """Bulk import: the named segments of a staged job (a folder or URL the job wrote, see index/bulk.py),
+        verified, committed in ONE generation with upsert-by-id tombstones, then the job folder removed.
+        Jobs are read only from <data>/.staging/ and under SIEVE_IMPORT_ROOTS."""
+        target = self.collection(collection)
+        self._writable_catalog("import segments")
+        allowed = [str(Path(self.config.data).resolve() / STAGING)] + \
+            [root.strip() for root in self.config.import_roots.split(",") if root.strip()]
+        where = job if is_url(job) else str(Path(job).resolve())
+        if "/../" in f"{job}/" or not any(where == root.rstrip("/") or where.startswith(root.rstrip("/") + "/")
+                                          for root in allowed):
+            raise InvalidArgument(f"{job}: this server imports only from its data directory's {STAGING}/ and "
+                                  f"SIEVE_IMPORT_ROOTS ({self.config.import_roots or 'none set'})")
+        local = Path(where)
+        if is_url(job):  # fetched onto the writer's volume first, so that the import is a rename
+            local = target.directory / "segments" / f"{TEMPORARY_PREFIX}import-{uuid.uuid4().hex}"
+        try:
+            if is_url(job):
+                await asyncio.to_thread(fetch_job, job, local, segments)
+            folders = check_job(local, target.settings, segments)
+            result = await asyncio.to_thread(target.import_segments, folders)
+        finally:
+            if is_url(job):
+                await asyncio.to_thread(shutil.rmtree, local, True)
+        try:  # committed: a cleanup that fails is logged, never an error (the next run of the job clears it)
+            await asyncio.to_thread(remove_job, job if is_url(job) else str(local))
+        except Exception as error:
+            log.error("%s: imported job %s, but its staging could not be removed: %s", target.name, job, error)
+        metrics.INGESTED.labels(target.name).inc(result.upserted + result.pruned)
+        log.info("%s: imported %d segments, %d documents (%d pruned), generation %d", target.name, len(segments),
+                 result.upserted + result.pruned, result.pruned, result.generation)
         await self._record(target)
         return result
 

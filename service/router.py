@@ -240,6 +240,9 @@ class Router(BaseEngine):
                                                             pb.CompactRequest(name=name), timeout=3600))
         return self._combined(infos)
 
+    async def import_segments(self, collection: str, job: str, segments: list[str]) -> UpsertResult:
+        raise ReadOnly("a router holds no files: run the batch job against each shard's writer")
+
     async def repair(self, name: str) -> tuple[RepairReport, CollectionInfo]:
         raise ReadOnly("a router holds no files: repair each shard's collection on that shard")
 

@@ -16,8 +16,8 @@ import uuid
 import grpc
 from google.protobuf.message import DecodeError
 
-from sieve.index.errors import (AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly, ResourceExhausted,
-                                SieveError, Unavailable)
+from sieve.index.errors import (AlreadyExists, CorruptIndex, FailedPrecondition, InvalidArgument, NotFound, ReadOnly,
+                                ResourceExhausted, SieveError, Unavailable)
 from sieve.v1 import sieve_pb2 as pb
 
 from . import metrics
@@ -32,6 +32,7 @@ STATUS = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CorruptIndex: grpc.StatusCode.FAILED_PRECONDITION,
     ReadOnly: grpc.StatusCode.FAILED_PRECONDITION,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

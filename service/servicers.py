@@ -160,6 +160,11 @@ class IngestServicer(Servicer):
         result = await self.engine.reinstate(request.collection, list(request.ids))
         return pb.UpsertResponse(upserted=result.upserted, generation=result.generation)
 
+    @rpc
+    async def ImportSegments(self, request, context):
+        result = await self.engine.import_segments(request.collection, request.job, list(request.segments))
+        return pb.UpsertResponse(upserted=result.upserted, pruned=result.pruned, generation=result.generation)
+
 
 class CollectionServicer(Servicer):
     @rpc

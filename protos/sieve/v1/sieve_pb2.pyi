@@ -297,6 +297,16 @@ class UpsertResponse(_message.Message):
     generation: int
     def __init__(self, upserted: _Optional[int] = ..., pruned: _Optional[int] = ..., skipped: _Optional[_Iterable[_Union[Skipped, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...
 
+class ImportSegmentsRequest(_message.Message):
+    __slots__ = ("collection", "job", "segments")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    job: str
+    segments: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collection: _Optional[str] = ..., job: _Optional[str] = ..., segments: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class DeleteRequest(_message.Message):
     __slots__ = ("collection", "ids")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]

@@ -268,6 +268,11 @@ class IngestServiceStub:
                 request_serializer=sieve_dot_v1_dot_sieve__pb2.ReinstateRequest.SerializeToString,
                 response_deserializer=sieve_dot_v1_dot_sieve__pb2.UpsertResponse.FromString,
                 _registered_method=True)
+        self.ImportSegments = channel.unary_unary(
+                '/sieve.v1.IngestService/ImportSegments',
+                request_serializer=sieve_dot_v1_dot_sieve__pb2.ImportSegmentsRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_sieve__pb2.UpsertResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -308,6 +313,14 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportSegments(self, request, context):
+        """Bulk import: a batch job's prebuilt segments (`sieve ingest --ray`), verified and committed in one
+        generation, later versions of an id replacing earlier ones; the job folder is removed afterwards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -334,6 +347,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
             'Reinstate': grpc.unary_unary_rpc_method_handler(
                     servicer.Reinstate,
                     request_deserializer=sieve_dot_v1_dot_sieve__pb2.ReinstateRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_sieve__pb2.UpsertResponse.SerializeToString,
+            ),
+            'ImportSegments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSegments,
+                    request_deserializer=sieve_dot_v1_dot_sieve__pb2.ImportSegmentsRequest.FromString,
                     response_serializer=sieve_dot_v1_dot_sieve__pb2.UpsertResponse.SerializeToString,
             ),
     }
@@ -472,6 +490,33 @@ class IngestService:
             target,
             '/sieve.v1.IngestService/Reinstate',
             sieve_dot_v1_dot_sieve__pb2.ReinstateRequest.SerializeToString,
+            sieve_dot_v1_dot_sieve__pb2.UpsertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSegments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sieve.v1.IngestService/ImportSegments',
+            sieve_dot_v1_dot_sieve__pb2.ImportSegmentsRequest.SerializeToString,
             sieve_dot_v1_dot_sieve__pb2.UpsertResponse.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,130 @@
+"""Bulk import: the staging folder a batch job fills with prebuilt segments, and the writer reads.
+
+    <staging>/<collection>-<job id>/job.json        the collection's settings the segments were built with
+    <staging>/<collection>-<job id>/<segment name>/ one segment each, written by segment.py's Segment.write
+
+`staging` is a local folder or any fsspec URL (s3://, gs://, file://) that the workers can write and the
+writer can read. A segment is written aside and renamed (locally) or uploaded with meta.json last (object
+stores), so a segment cut short by a killed worker reads as incomplete and is never listed by the job:
+the writer imports exactly the segments the job names, in its order, after verifying every checksum
+(Collection.import_segments). A job id names one job: starting it again clears what an earlier,
+interrupted run left, so a rerun is idempotent; the writer removes the folder once committed.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .segment import PreparedBatch, Segment
+from .settings import CollectionSettings
+from .storage import TEMPORARY_PREFIX, _remote, remote_errors, seal, unseal, upload_folder
+
+JOB_FILE = "job.json"
+STAGED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a plain folder name: never a path
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def job_folder(staging: str, collection: str, job_id: str) -> str:
+    if not STAGED_NAME.fullmatch(f"{collection}-{job_id}"):
+        raise InvalidArgument(f"job id {job_id!r}: letters, digits, '_', '.', '-' only")
+    return f"{staging.rstrip('/')}/{collection}-{job_id}"
+
+
+def start_job(folder: str, settings: CollectionSettings) -> None:
+    """An empty job folder (whatever an earlier run of this job left is removed) with its job.json."""
+    record = seal({"settings": settings.to_dict()})
+    if is_url(folder):
+        fs, root = _remote(folder)
+        with remote_errors(folder):
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+            fs.makedirs(root, exist_ok=True)
+            fs.pipe_file(f"{root}/{JOB_FILE}", record)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / JOB_FILE).write_bytes(record)
+
+
+def stage_segment(folder: str, name: str, batch: PreparedBatch, retrievers: dict,
+                  settings: CollectionSettings) -> None:
+    """Write one prepared batch as a segment of the job (a retried batch replaces its earlier attempt)."""
+    if is_url(folder):
+        with tempfile.TemporaryDirectory() as scratch:
+            built = Path(scratch) / name
+            _write(built, batch, retrievers, settings)
+            fs, root = _remote(folder)
+            with remote_errors(folder):
+                if fs.exists(f"{root}/{name}"):
+                    fs.rm(f"{root}/{name}", recursive=True)
+            upload_folder(built, f"{folder}/{name}", last=("meta.json",))
+        return
+    final = Path(folder) / name
+    tmp = final.with_name(f"{TEMPORARY_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
+    try:
+        _write(tmp, batch, retrievers, settings)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(directory: Path, batch: PreparedBatch, retrievers: dict, settings: CollectionSettings) -> None:
+    Segment.write(directory, batch.documents, batch.indexed, batch.encoded, retrievers, batch.quality,
+                  settings.filterable)
+
+
+def check_job(folder: Path, settings: CollectionSettings, segments: list[str]) -> list[Path]:
+    """The named segments of a local job folder, once the job is known to fit the collection."""
+    try:
+        job = unseal((folder / JOB_FILE).read_bytes(), f"{folder.name}/{JOB_FILE}")
+    except FileNotFoundError:
+        raise NotFound(f"no staged job at {folder.name} (its {JOB_FILE} is missing)") from None
+    if job.get("settings") != settings.to_dict():
+        raise FailedPrecondition(f"job {folder.name} was built with other settings than the collection has now; "
+                                 "run the job again")
+    if not segments:
+        raise InvalidArgument("the import names no segments")
+    if len(set(segments)) != len(segments):
+        raise InvalidArgument("the import names a segment twice")
+    folders = []
+    for name in segments:
+        if not STAGED_NAME.fullmatch(name):
+            raise InvalidArgument(f"staged segment name {name!r} is not a plain folder name")
+        if not (folder / name / "meta.json").is_file():
+            raise NotFound(f"no staged segment {name} in job {folder.name}")
+        folders.append(folder / name)
+    return folders
+
+
+def fetch_job(url: str, local: Path, segments: list[str]) -> None:
+    """Copy a job staged under a URL into a local folder (the writer's disk), its job.json and the named
+    segments only."""
+    from .storage import download_folder
+
+    fs, root = _remote(url)
+    local.mkdir(parents=True)
+    with remote_errors(url):
+        fs.get_file(f"{root}/{JOB_FILE}", str(local / JOB_FILE))
+    for name in segments:
+        if not STAGED_NAME.fullmatch(name):
+            raise InvalidArgument(f"staged segment name {name!r} is not a plain folder name")
+        (local / name).mkdir()
+        download_folder(f"{url}/{name}", local / name)
+
+
+def remove_job(folder: str) -> None:
+    if is_url(folder):
+        fs, root = _remote(folder)
+        with remote_errors(folder):
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)

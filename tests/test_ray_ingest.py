@@ -1,0 +1,212 @@
+"""Distributed batch ingestion on a real local Ray cluster (two simulated nodes of one CPU each): a Ray job
+indexes what `sieve ingest` indexes, segment for segment, through a real server; a worker killed mid-job
+is retried without duplicates; a driver killed before its commit leaves the collection as it was, and the
+job runs again. The import path (bulk.py, Collection.import_segments) is also checked without Ray."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import corpus
+from sieve.index.bulk import job_folder, stage_segment, start_job
+from sieve.index.documents import Document, batches, read_jsonl
+from sieve.index.errors import FailedPrecondition, InvalidArgument
+from sieve.service.engine import SearchQuery
+from sieve.service.sync_engine import SyncEngine
+
+ray = pytest.importorskip("ray")
+from sieve.service import ray_ingest  # noqa: E402  (needs ray)
+from sieve.service.ray_ingest import Encode, ingest_with_ray, stage_job  # noqa: E402
+
+FULL = {"indexes": ["dense", "bm25", "multivector"], "quality_estimator": "unique_terms", "prune_ratio": 0.2}
+LEXICAL = {"indexes": ["bm25"]}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 2**20,
+                                                          "include_dashboard": False})
+    nodes.add_node(num_cpus=1, object_store_memory=150 * 2**20)
+    ray.init(address=nodes.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield nodes
+    ray.shutdown()
+    nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scifact():
+    return corpus("scifact")[:70]
+
+
+def write_corpus(path: Path, docs: list[Document], extra: list[str] = ()) -> Path:
+    lines = [json.dumps(d.to_json()) for d in docs] + list(extra)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def segment_files(collection: Path) -> list[dict[str, bytes]]:
+    """Each segment's files (in commit order) with their bytes, meta.json without its file records."""
+    manifest = sorted(collection.glob("manifest-*.json"))[-1]
+    names = json.loads(manifest.read_text())["segments"]
+    return [{p.name: p.read_bytes() for p in sorted((collection / "segments" / n).iterdir()) if p.name != "meta.json"}
+            for n in names]
+
+
+def test_a_ray_job_indexes_what_sieve_ingest_does(cluster, scifact, tmp_path):
+    """Through a real server: `sieve ingest` and `sieve ingest --ray` on the same file (a repeated id, a
+    malformed line, pruning by ratio, every index): the same segments byte for byte, the same results."""
+    from sieve.service.cli import main
+    from sieve.service.client import SieveClient
+    from sieve.service.process import ServerProcess
+
+    changed = Document(scifact[3].id, "A later version of this passage wins.", "Replaced")
+    source = write_corpus(tmp_path / "slice.jsonl", scifact, ["{not json", json.dumps(changed.to_json())])
+    staging = tmp_path / "staging"
+    server = ServerProcess(tmp_path / "data", env={"SIEVE_IMPORT_ROOTS": str(staging)}).start()
+    try:
+        common = ["--server", server.target, "--batch-size", "32", "--settings", json.dumps(FULL)]
+        assert main(["ingest", str(source), "--collection", "plain", *common]) == 0
+        assert main(["ingest", str(source), "--collection", "ray", "--ray", cluster.address, "--staging",
+                     str(staging), *common]) == 0
+        assert not any(staging.iterdir())  # the writer removed the job's staging once committed
+        plain, distributed = segment_files(server.data / "plain"), segment_files(server.data / "ray")
+        assert len(plain) == len(distributed) == 4  # 32 + 32 + 6, then the repeated id's batch
+        assert plain == distributed
+        with SieveClient(server.target) as client:
+            described = [client.describe(name).stats for name in ("plain", "ray")]
+            assert [(s.documents, s.pruned, s.deleted) for s in described] == [(56, 14, 1)] * 2
+            assert client.list_pruned("plain").passages == client.list_pruned("ray").passages
+            got = client.get("ray", [changed.id]).documents[0]
+            assert (got.title, got.text) == (changed.title, changed.text)
+            for doc in scifact[:6]:
+                for retrievers in (["dense"], ["bm25"], ["multivector"], []):
+                    hits = [[(h.id, h.score) for h in client.search(name, doc.title, k=10,
+                                                                     retrievers=retrievers).results]
+                            for name in ("plain", "ray")]
+                    assert hits[0] == hits[1]
+            with pytest.raises(grpc.RpcError) as refused:  # a job outside SIEVE_IMPORT_ROOTS
+                client.import_segments("ray", str(tmp_path / "elsewhere"), ["00000-0000000"])
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop()
+
+
+class CrashingOnce(Encode):
+    """An encoder whose worker process dies on its first batch, once (a marker file remembers)."""
+
+    marker = ""
+
+    def __call__(self, row):
+        if not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+        return super().__call__(row)
+
+
+def test_a_worker_killed_mid_job_is_retried_and_nothing_is_duplicated(cluster, scifact, tmp_path):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    CrashingOnce.marker = str(tmp_path / "crashed")
+    source = write_corpus(tmp_path / "slice.jsonl", scifact)
+    with SyncEngine(data=str(tmp_path / "data")) as engine:
+        engine.create_collection("c", LEXICAL)
+        report = ingest_with_ray(str(source), "c", engine, batch_size=10, workers=2, progress=False,
+                                 encoder=CrashingOnce)
+        assert Path(CrashingOnce.marker).exists()  # a worker did die
+        stats = engine.describe("c").stats
+        assert (stats["documents"], stats["deleted"], stats["segments"]) == (70, 0, 7)
+        assert report.committed.upserted == 70 and report.lines == 70
+        found, missing, _ = engine.get("c", [d.id for d in scifact])
+        assert not missing and [d.text for d in found] == [d.text for d in scifact]
+
+
+DRIVER = """
+import sys, time, ray
+from sieve.index.settings import CollectionSettings
+from sieve.service.ray_ingest import stage_job
+ray.init(address=sys.argv[1], log_to_driver=False)
+ray.data.DataContext.get_current().enable_progress_bars = False
+report = stage_job(sys.argv[2], CollectionSettings.from_dict({"indexes": ["bm25"]}), sys.argv[3], "c",
+                   job_id="nightly", batch_size=10, workers=1, progress=False)
+print("staged", len(report.segments), flush=True)
+time.sleep(120)  # killed here: after staging, before the commit
+"""
+
+
+def test_a_driver_killed_before_its_commit_changes_nothing_and_the_job_runs_again(cluster, scifact, tmp_path):
+    source = write_corpus(tmp_path / "slice.jsonl", scifact)
+    with SyncEngine(data=str(tmp_path / "data")) as engine:
+        engine.create_collection("c", LEXICAL)
+        engine.upsert("c", [Document("kept", "A document from before the job.")])
+        before = engine.describe("c").stats
+        staging = str(tmp_path / "data" / ".staging")
+        driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(DRIVER), cluster.address, str(source),
+                                   staging], stdout=subprocess.PIPE, text=True)
+        try:
+            assert driver.stdout.readline().split() == ["staged", "7"]
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+        folder = Path(job_folder(staging, "c", "nightly"))
+        assert len([p for p in folder.iterdir() if p.is_dir()]) == 7  # staged, never committed
+        assert engine.describe("c").stats == before
+        query = SearchQuery("c", scifact[0].title, k=5)
+        for run in range(2):  # the job again (it clears what the killed run staged), then once more
+            report = ingest_with_ray(str(source), "c", engine, job_id="nightly", batch_size=10, workers=2,
+                                     progress=False)
+            assert report.committed.upserted == 70 and not folder.exists()
+            stats = engine.describe("c").stats
+            assert stats["documents"] == 71 and stats["generation"] == before["generation"] + 1 + run
+            hits = [(h.id, h.score) for h in engine.search(query).hits]
+            assert run == 0 or hits == first
+            first = hits
+
+
+def test_a_bad_document_fails_the_job_and_commits_nothing(cluster, tmp_path):
+    source = write_corpus(tmp_path / "slice.jsonl", [Document("big", "x " * 60_000)])
+    with SyncEngine(data=str(tmp_path / "data")) as engine:
+        engine.create_collection("c", LEXICAL)
+        with pytest.raises(InvalidArgument, match="the limit is 100000"):
+            ingest_with_ray(str(source), "c", engine, progress=False)
+        assert engine.describe("c").stats["generation"] == 0
+        with pytest.raises(InvalidArgument, match="no corpus files"):
+            ingest_with_ray(str(tmp_path / "missing.jsonl"), "c", engine, progress=False)
+
+
+def test_imported_segments_commit_once_and_upsert_by_id_without_ray(scifact, tmp_path):
+    """The writer's half alone: prebuilt segments (Collection.prepare's batches) staged and imported in
+    one generation equal the same batches upserted one by one; a job built for other settings is refused."""
+    docs = scifact[:30] + [Document(scifact[0].id, "Second version.")]
+    with SyncEngine(data=str(tmp_path / "data")) as engine:
+        for name in ("plain", "bulk", "other"):
+            engine.create_collection(name, LEXICAL if name != "other" else {"indexes": ["bm25"], "bm25_k1": 1.2})
+        cut = list(batches(iter(docs), 12, []))
+        for batch, _ in cut:
+            engine.upsert("plain", batch)
+        bulk = engine.collection("bulk")
+        folder = job_folder(str(tmp_path / "data" / ".staging"), "bulk", "job")
+        start_job(folder, bulk.settings)
+        for n, (batch, _) in enumerate(cut):
+            stage_segment(folder, f"b{n}", bulk.prepare(batch), bulk.retrievers, bulk.settings)
+        with pytest.raises(FailedPrecondition, match="other settings"):
+            engine.import_segments("other", folder, ["b0"])
+        result = engine.import_segments("bulk", folder, [f"b{n}" for n in range(len(cut))])
+        assert (result.upserted, result.generation) == (31, 1) and not Path(folder).exists()
+        assert segment_files(tmp_path / "data" / "plain") == segment_files(tmp_path / "data" / "bulk")
+        plain, imported = engine.describe("plain").stats, engine.describe("bulk").stats
+        assert (plain["documents"], plain["deleted"]) == (imported["documents"], imported["deleted"]) == (30, 1)
+        assert engine.get("bulk", [scifact[0].id])[0][0].text == "Second version."
