@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +261,8 @@ def stage_job(source: str, settings: CollectionSettings, staging: str, collectio
     rows = []
     from tqdm import tqdm
 
+    context = ray.data.DataContext.get_current()
+    block_size, context.target_max_block_size = context.target_max_block_size, 1  # a block a batch: all workers busy
     with tqdm(desc=f"ray ingest {collection}", unit="batch", disable=not progress) as bar:
         try:
             for row in dataset.iter_rows():
@@ -273,6 +276,8 @@ def stage_job(source: str, settings: CollectionSettings, staging: str, collectio
                 bar.update()
         except Exception as error:
             raise _sieve_error(error) from None
+        finally:
+            context.target_max_block_size = block_size
     for row in sorted(rows, key=lambda r: r["key"]):
         if row["documents"]:
             report.segments.append(row["key"])
@@ -283,12 +288,14 @@ def stage_job(source: str, settings: CollectionSettings, staging: str, collectio
 
 
 def _sieve_error(error: Exception) -> Exception:
-    """The Sieve error a stage raised (e.g. a bad document), rather than Ray's wrapping of it."""
-    cause = error
-    while cause is not None:
-        if isinstance(cause, SieveError):
-            return cause
-        cause = cause.__cause__ or getattr(cause, "cause", None)
+    """The Sieve error a stage raised (e.g. a bad document), rather than Ray's wrapping of it: across
+    processes Ray keeps the original only as text in its traceback, so it is rebuilt from that."""
+    from sieve.index import errors
+
+    found = re.findall(r"sieve\.index\.errors\.(\w+): (.*)", str(error))
+    if found and isinstance(getattr(errors, found[-1][0], None), type) and \
+            issubclass(getattr(errors, found[-1][0]), SieveError):
+        return getattr(errors, found[-1][0])(found[-1][1])
     return error
 
 
