@@ -48,6 +48,7 @@ def cached_tokens(path: Path, texts: list[str], retriever: MultiVectorRetriever,
     """Normalised, unpooled token vectors per text, stored once as float16 (flat + lengths)."""
     if not path.exists():
         print(f"encoding {what}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         documents = retriever.token_vectors(texts, progress=True)  # sentence-transformers' own progress bar
         lengths = np.array([len(d) for d in documents])
         tmp = path.with_suffix(".tmp.npz")
