@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,9 @@ class TokenBatch:
     vectors: np.ndarray  # (stored vectors, dimension) float32
     offsets: np.ndarray  # (documents + 1,) int64
     raw_counts: np.ndarray  # (documents,) int64: token vectors before pooling
+    # Compaction: the stored part these vectors were decoded from and their positions in it. Written
+    # back from one part, its codes are copied as they are: repeated compactions never re-quantise.
+    source: tuple["MultiVectorPart", np.ndarray] | None = None
 
     @classmethod
     def from_documents(cls, documents: list[np.ndarray], raw_counts, dimension: int) -> "TokenBatch":
@@ -182,19 +186,15 @@ class MultiVectorRetriever(Retriever):
         return self.pool(self.token_vectors([doc.content for doc in docs]), progress=len(docs) >= 1000)
 
     def write(self, directory: Path, encoded: TokenBatch) -> None:
-        vectors = encoded.vectors
-        count = centroid_count(len(vectors))
-        centroids = train_centroids(vectors, count)
-        ids = assign(centroids, vectors)
-        codec = self.settings.compression if len(vectors) >= PQ_MIN_VECTORS else "none"
-        if codec == "none":
-            payload = vectors.astype("float16")
+        if encoded.source is not None:  # rows of one stored part: its centroids, ids and codes as they are
+            part, positions = encoded.source
+            codec, centroids = part.codec, part.centroids
+            ids, payload = np.asarray(part.centroid_ids[positions]), np.asarray(part.payload[positions])
+            if codec != "none":
+                shutil.copyfile(part.directory / f"{PREFIX}pq.faiss", directory / f"{PREFIX}pq.faiss")
         else:
-            targets = vectors - centroids[ids] if codec == "residual" else vectors
-            quantizer = train_quantizer(targets)
-            payload = quantizer.compute_codes(np.ascontiguousarray(targets))
-            faiss.write_ProductQuantizer(quantizer, str(directory / f"{PREFIX}pq.faiss"))
-        list_offsets, list_docs = inverted_lists(ids, encoded.lengths, count)
+            codec, centroids, ids, payload = self._quantise(directory, encoded.vectors)
+        list_offsets, list_docs = inverted_lists(ids, encoded.lengths, len(centroids))
         for name, array in {
             "offsets": encoded.offsets, "raw_counts": encoded.raw_counts, "centroids": centroids,
             "centroid_ids": ids, "list_offsets": list_offsets, "list_docs": list_docs, "payload": payload,
@@ -202,8 +202,20 @@ class MultiVectorRetriever(Retriever):
             np.save(directory / f"{PREFIX}{name}.npy", array)
         (directory / f"{PREFIX}meta.json").write_text(json.dumps({
             "codec": codec, "pool_factor": self.settings.pool_factor,
-            "protected_tokens": self.settings.protected_tokens, "dimension": vectors.shape[1],
+            "protected_tokens": self.settings.protected_tokens, "dimension": centroids.shape[1],
         }))
+
+    def _quantise(self, directory: Path, vectors: np.ndarray):
+        """(codec, centroids, centroid ids, payload) trained on these vectors; the quantiser is saved."""
+        centroids = train_centroids(vectors, centroid_count(len(vectors)))
+        ids = assign(centroids, vectors)
+        codec = self.settings.compression if len(vectors) >= PQ_MIN_VECTORS else "none"
+        if codec == "none":
+            return codec, centroids, ids, vectors.astype("float16")
+        targets = vectors - centroids[ids] if codec == "residual" else vectors
+        quantizer = train_quantizer(targets)
+        faiss.write_ProductQuantizer(quantizer, str(directory / f"{PREFIX}pq.faiss"))
+        return codec, centroids, ids, quantizer.compute_codes(np.ascontiguousarray(targets))
 
     def open(self, directory: Path) -> MultiVectorPart:
         meta = json.loads((directory / f"{PREFIX}meta.json").read_text())
@@ -226,9 +238,10 @@ class MultiVectorRetriever(Retriever):
     def take(self, part: MultiVectorPart, rows: np.ndarray) -> TokenBatch:
         rows = np.asarray(rows, "int64")
         starts, lengths = part.offsets[rows], np.diff(part.offsets)[rows]
-        vectors = part.decode(ranges(starts, lengths))
+        positions = ranges(starts, lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("int64")
-        return TokenBatch(vectors, offsets, np.asarray(part.raw_counts[rows], "int64"))
+        return TokenBatch(part.decode(positions), offsets, np.asarray(part.raw_counts[rows], "int64"),
+                          (part, positions))
 
     def concat(self, encoded: list[TokenBatch]) -> TokenBatch:
         dimension = encoded[0].vectors.shape[1] if encoded else self.encoder.dimension
@@ -237,6 +250,7 @@ class MultiVectorRetriever(Retriever):
             np.vstack([b.vectors for b in encoded]) if encoded else np.zeros((0, dimension), "float32"),
             np.concatenate([[0], np.cumsum(lengths)]).astype("int64"),
             np.concatenate([b.raw_counts for b in encoded]) if encoded else np.zeros(0, "int64"),
+            one_source(encoded),
         )
 
     # Search --------------------------------------------------------------------------------
@@ -303,6 +317,15 @@ class MultiVectorRetriever(Retriever):
             "index_bytes": int(index_bytes),
             "index_bytes_per_vector": index_bytes / stored if stored else None,
         }
+
+
+def one_source(batches: list[TokenBatch]) -> tuple[MultiVectorPart, np.ndarray] | None:
+    """The part all these batches were taken from, with their positions in order; None if they come from
+    several parts (a merge trains a codec for the whole) or from new documents."""
+    parts = {id(b.source[0]) if b.source else None for b in batches}
+    if len(parts) != 1 or None in parts:
+        return None
+    return batches[0].source[0], np.concatenate([b.source[1] for b in batches])
 
 
 def prune_and_gather(part: MultiVectorPart, table: np.ndarray, nprobe: int,

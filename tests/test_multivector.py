@@ -248,3 +248,36 @@ def test_multivector_knobs_are_validated_in_settings_and_per_search(adi_index):
         with pytest.raises(InvalidArgument):
             CollectionSettings.from_dict({"indexes": ["multivector"], **bad})
     assert CollectionSettings.from_dict({"centroid_threshold": None, "nprobe": 4.0}).nprobe == 4
+
+
+def test_repeated_compactions_keep_codes_and_scores(tmp_path, corpus):
+    """Compacting one segment copies its centroids, ids and residual codes as they are: nothing is
+    re-quantised, so every remaining document scores exactly as before, however often it runs."""
+    settings = CollectionSettings(indexes=("multivector",), pool_factor=2, compression="residual")
+    collection = Collection.create(tmp_path / "c", settings)
+    collection.upsert(corpus)
+    query = collection.encode_queries("multivector", ["computer based information retrieval"])[0]
+
+    def scores() -> dict[str, float]:
+        return {hit.id: hit.score for hit in collection.search({"multivector": query}, len(corpus)).hits}
+
+    def codes() -> np.ndarray:
+        part = collection.snapshot.segments[0].parts["multivector"]
+        assert part.codec == "residual"
+        return np.asarray(part.payload)
+
+    before, first_codes = scores(), codes()
+    for round_ in range(3):
+        victim = corpus[round_].id
+        collection.delete([victim])
+        collection.compact()
+        assert len(collection.snapshot.segments) == 1
+        now = scores()
+        assert victim not in now
+        assert now == {doc_id: score for doc_id, score in before.items() if doc_id in now}
+        assert set(now) == set(before) - {d.id for d in corpus[:round_ + 1]}
+    start = int(collection.snapshot.segments[0].parts["multivector"].offsets[0])
+    removed = sum(int(n) for n in np.diff(MultiVectorRetriever(settings).pool(
+        MultiVectorRetriever(settings).token_vectors([d.content for d in corpus[:3]])).offsets))
+    np.testing.assert_array_equal(codes(), first_codes[start + removed:])
+    collection.close()
