@@ -2,7 +2,7 @@
 
     files (Ray Data, any fsspec file system) -> batches (the rule `sieve ingest` cuts a file with)
       -> validation + quality pruning (actors) -> every index's encoder (actors: models loaded once, a GPU each
-         where there are GPUs) -> token pooling -> segment building (tasks, into the job's staging folder)
+         where there are GPUs) -> token pooling and segment building (actors, into the job's staging folder)
       -> the writer imports every staged segment in ONE generation (Engine.import_segments)
 
 Every step calls the function ordinary ingestion calls (index/pipeline.py, each retriever's encoder, the
@@ -58,6 +58,7 @@ class Work:
     pruned: list[Document] = field(default_factory=list)
     quality: object = None
     encoded: dict = field(default_factory=dict)
+    encoder: str = ""  # the encoding worker (node:pid), so a report can say how many did the work
     seconds: dict = field(default_factory=dict)  # per stage, this batch's share
 
     def row(self) -> dict:
@@ -153,40 +154,40 @@ class Encode:
 
     @_timed("encode")
     def __call__(self, work: Work) -> None:
+        import ray
+
+        work.encoder = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
         if work.documents:
             for name, retriever in self.retrievers.items():
                 work.encoded[name] = retriever.token_vectors([d.content for d in work.documents]) \
                     if hasattr(retriever, "pool") else retriever.encode_documents(work.documents)
 
 
-@functools.lru_cache(maxsize=4)
-def _retrievers(settings: str) -> dict:
-    return make_retrievers(CollectionSettings.from_dict(json.loads(settings)))
+class Build:
+    """Token pooling of the multi-vector index (CPU work: Ward clustering, as its encode_documents does),
+    then the batch as a checksummed segment in the job's staging folder; what comes back is its summary.
+    An actor, so the retrievers are made once per worker rather than once per batch."""
 
+    def __init__(self, settings: dict, folder: str):
+        self.settings = CollectionSettings.from_dict(settings)
+        self.retrievers = make_retrievers(self.settings)
+        self.folder = folder
 
-def pool(row: dict, settings: str) -> dict:
-    """Token pooling of the multi-vector index (CPU work: Ward clustering), as its encode_documents does."""
-    work = _work(row)
-    start = time.perf_counter()
-    for name, retriever in _retrievers(settings).items():
-        if hasattr(retriever, "pool") and name in work.encoded:
-            work.encoded[name] = retriever.pool(work.encoded[name])
-    work.seconds["pool"] = time.perf_counter() - start
-    return work.row()
-
-
-def build(row: dict, settings: str, folder: str) -> dict:
-    """The batch as a checksummed segment in the job's staging folder; what comes back is its summary."""
-    work = _work(row)
-    start = time.perf_counter()
-    documents = work.documents + work.pruned
-    if documents:
-        batch = PreparedBatch(documents, len(work.documents), work.encoded, work.quality)
-        stage_segment(folder, work.key, batch, _retrievers(settings),
-                      CollectionSettings.from_dict(json.loads(settings)))
-    work.seconds["build"] = time.perf_counter() - start
-    return {"key": work.key, "documents": len(documents), "indexed": len(work.documents), "lines": work.lines,
-            "skipped": json.dumps(work.skipped), "seconds": json.dumps(work.seconds)}
+    def __call__(self, row: dict) -> dict:
+        work = _work(row)
+        start = time.perf_counter()
+        for name, retriever in self.retrievers.items():
+            if hasattr(retriever, "pool") and name in work.encoded:
+                work.encoded[name] = retriever.pool(work.encoded[name])
+        work.seconds["pool"] = time.perf_counter() - start
+        start = time.perf_counter()
+        documents = work.documents + work.pruned
+        if documents:
+            batch = PreparedBatch(documents, len(work.documents), work.encoded, work.quality)
+            stage_segment(self.folder, work.key, batch, self.retrievers, self.settings)
+        work.seconds["build"] = time.perf_counter() - start
+        return {"key": work.key, "documents": len(documents), "indexed": len(work.documents), "lines": work.lines,
+                "encoder": work.encoder, "skipped": json.dumps(work.skipped), "seconds": json.dumps(work.seconds)}
 
 
 # The job --------------------------------------------------------------------------------------------
@@ -199,6 +200,7 @@ class JobReport:
     pruned: int = 0
     skipped: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)  # busy seconds per stage, summed over batches and workers
+    encoders: int = 0  # encoder worker processes that encoded a batch (a restarted one counts again)
     wall_seconds: float = 0.0
     committed: object = None  # the writer's UpsertResult (or UpsertResponse), once imported
 
@@ -247,24 +249,22 @@ def stage_job(source: str, settings: CollectionSettings, staging: str, collectio
     device = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_worker}
     light = {"num_cpus": 0}  # the light stages never wait for CPUs the encoders hold; they are bounded below
     from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    dataset = ray.data.read_binary_files(files, include_paths=True, filesystem=PyFileSystem(FSSpecHandler(fs)),
-                                         ray_remote_args=light)
-    dataset = dataset.flat_map(read_batches, fn_kwargs={"files": files, "batch_size": batch_size}, **light)
-    dataset = dataset.map(Prune, fn_constructor_args=(plain, max_docs, max_chars), concurrency=workers, **light)
-    dataset = dataset.map(encoder, fn_constructor_args=(plain, int(cpus_per_worker) if not gpus else 0),
-                          concurrency=workers, **device)
-    key = json.dumps(plain, sort_keys=True)
-    dataset = dataset.map(pool, fn_kwargs={"settings": key}, concurrency=workers, **light)
-    dataset = dataset.map(build, fn_kwargs={"settings": key, "folder": folder}, concurrency=workers, **light)
-    report = JobReport(folder, [])
-    rows = []
     from tqdm import tqdm
 
+    # A block a batch, so that each batch is a task of its own and every worker gets work. A dataset keeps
+    # the context it was created in: set before the first stage, restored once the job has run.
     context = ray.data.DataContext.get_current()
-    block_size, context.target_max_block_size = context.target_max_block_size, 1  # a block a batch: all workers busy
-    with tqdm(desc=f"ray ingest {collection}", unit="batch", disable=not progress) as bar:
-        try:
+    block_size, context.target_max_block_size = context.target_max_block_size, 1
+    report, rows = JobReport(folder, []), []
+    try:
+        dataset = ray.data.read_binary_files(files, include_paths=True, filesystem=PyFileSystem(FSSpecHandler(fs)),
+                                             ray_remote_args=light)
+        dataset = dataset.flat_map(read_batches, fn_kwargs={"files": files, "batch_size": batch_size}, **light)
+        dataset = dataset.map(Prune, fn_constructor_args=(plain, max_docs, max_chars), concurrency=workers, **light)
+        dataset = dataset.map(encoder, fn_constructor_args=(plain, int(cpus_per_worker) if not gpus else 0),
+                              concurrency=workers, **device)
+        dataset = dataset.map(Build, fn_constructor_args=(plain, folder), concurrency=workers, **light)
+        with tqdm(desc=f"ray ingest {collection}", unit="batch", disable=not progress) as bar:
             for row in dataset.iter_rows():
                 rows.append(row)
                 report.lines += row["lines"]
@@ -274,10 +274,11 @@ def stage_job(source: str, settings: CollectionSettings, staging: str, collectio
                 bar.set_postfix(read=report.lines, pruned=report.pruned, encoded=report.indexed,
                                 skipped=len(report.skipped), refresh=False)
                 bar.update()
-        except Exception as error:
-            raise _sieve_error(error) from None
-        finally:
-            context.target_max_block_size = block_size
+    except Exception as error:
+        raise _sieve_error(error) from None
+    finally:
+        context.target_max_block_size = block_size
+    report.encoders = len({row["encoder"] for row in rows if row["indexed"]})
     for row in sorted(rows, key=lambda r: r["key"]):
         if row["documents"]:
             report.segments.append(row["key"])

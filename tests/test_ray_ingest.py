@@ -65,6 +65,29 @@ def segment_files(collection: Path) -> list[dict[str, bytes]]:
             for n in names]
 
 
+class Slow(Encode):
+    """An encoder that takes a second a batch, as a model does: long enough for both workers to be up."""
+
+    def __call__(self, row):
+        import time
+
+        time.sleep(1)
+        return super().__call__(row)
+
+
+def test_every_worker_gets_batches(cluster, scifact, tmp_path):
+    """Each batch is a Ray task of its own (a block a batch): two workers share the job, not one taking all.
+    First in the module: a finished job's actors may hold their CPUs a moment longer, and two need both."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    source = write_corpus(tmp_path / "slice.jsonl", scifact)
+    with SyncEngine(data=str(tmp_path / "data")) as engine:
+        engine.create_collection("c", LEXICAL)
+        report = ingest_with_ray(str(source), "c", engine, batch_size=10, workers=2, progress=False, encoder=Slow)
+        assert report.encoders == 2 and report.committed.upserted == 70
+
+
 def test_a_ray_job_indexes_what_sieve_ingest_does(cluster, scifact, tmp_path):
     """Through a real server: `sieve ingest` and `sieve ingest --ray` on the same file (a repeated id, a
     malformed line, pruning by ratio, every index): the same segments byte for byte, the same results."""
