@@ -323,7 +323,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid-dataset", default="scifact")
     parser.add_argument("--factors", default="1,2,3,4")
-    parser.add_argument("--others", default="cranfield,cisi,medline", help="datasets run at factors 1 and 4")
+    parser.add_argument("--others", default="cranfield,cisi,medline", help="datasets run at --other-factors")
+    parser.add_argument("--other-factors", default="1,4")
     parser.add_argument("--compressions", default="none,residual")
     parser.add_argument("--cache", type=Path, default=cache_dir("mv"))
     parser.add_argument("--threads", type=int, default=1)
@@ -348,7 +349,7 @@ def main() -> None:
         print(speed_markdown(rows, fused))
         return
     plan = [(args.grid_dataset, [int(f) for f in args.factors.split(",")])]
-    plan += [(dataset, [1, 4]) for dataset in args.others.split(",") if dataset]
+    plan += [(dataset, [int(f) for f in args.other_factors.split(",")]) for dataset in args.others.split(",") if dataset]
 
     rows: list[dict] = []
     for dataset, factors in plan:
