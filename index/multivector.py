@@ -419,7 +419,17 @@ def train_quantizer(targets: np.ndarray) -> tuple[faiss.OPQMatrix, faiss.Product
     m, bits = subquantizers(targets.shape[1])
     rotation = faiss.OPQMatrix(targets.shape[1], m)
     rotation.niter = OPQ_ITERATIONS
-    rotation.train(sample(targets, OPQ_TRAIN_SAMPLE))
+    inner = faiss.ProductQuantizer(targets.shape[1], m, 8)  # the PQ the rotation is fitted with
+    inner.cp.min_points_per_centroid = 1  # small segments train on what they have, quietly
+    rotation.pq = inner
+    # One thread: OPQ's result depends on the thread count (summation order), and a segment must be the
+    # same bytes wherever it is built (a Ray worker or the writer).
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        rotation.train(sample(targets, OPQ_TRAIN_SAMPLE))
+    finally:
+        faiss.omp_set_num_threads(threads)
     quantizer = faiss.ProductQuantizer(targets.shape[1], m, bits)
     quantizer.cp.min_points_per_centroid = 1  # small segments train on what they have, quietly
     quantizer.cp.niter = PQ_ITERATIONS
