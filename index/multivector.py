@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from .retriever import Hit, Retriever, dir_bytes, excluded, top_hits
 from .settings import CollectionSettings
 
 PREFIX = "mv."
-CODEC_FILES = (f"{PREFIX}pq.faiss", f"{PREFIX}opq.faiss")  # the quantiser, its rotation
+PQ_FILE, OPQ_FILE = f"{PREFIX}pq.faiss", f"{PREFIX}opq.faiss"  # the quantiser, its rotation (newer segments)
 MAX_CODE_BYTES = 64  # per stored vector, centroid id included
 CENTROID_ID_BYTES = 2  # uint16 ids
 MAX_CENTROIDS = 2**16
@@ -202,7 +203,7 @@ class MultiVectorRetriever(Retriever):
             part, positions = encoded.source
             codec, centroids = part.codec, part.centroids
             ids, payload = np.asarray(part.centroid_ids[positions]), np.asarray(part.payload[positions])
-            for name in CODEC_FILES if codec != "none" else ():
+            for name in (PQ_FILE, OPQ_FILE) if codec != "none" else ():
                 if (part.directory / name).exists():
                     shutil.copyfile(part.directory / name, directory / name)
         else:
@@ -227,9 +228,9 @@ class MultiVectorRetriever(Retriever):
             return codec, centroids, ids, vectors.astype("float16")
         targets = vectors - centroids[ids] if codec == "residual" else vectors
         rotation, quantizer = train_quantizer(targets)
-        faiss.write_VectorTransform(rotation, str(directory / CODEC_FILES[1]))
-        faiss.write_ProductQuantizer(quantizer, str(directory / CODEC_FILES[0]))
-        return codec, centroids, ids, quantizer.compute_codes(rotation.apply(np.ascontiguousarray(targets)))
+        faiss.write_VectorTransform(rotation, str(directory / OPQ_FILE))
+        faiss.write_ProductQuantizer(quantizer, str(directory / PQ_FILE))
+        return codec, centroids, ids, quantizer.compute_codes(rotate(rotation, targets))
 
     def open(self, directory: Path) -> MultiVectorPart:
         meta = json.loads((directory / f"{PREFIX}meta.json").read_text())
@@ -239,9 +240,9 @@ class MultiVectorRetriever(Retriever):
 
         quantizer = rotation = None
         if meta["codec"] != "none":
-            quantizer = faiss.read_ProductQuantizer(str(directory / CODEC_FILES[0]))
-            if (directory / CODEC_FILES[1]).exists():
-                rotation = faiss.read_VectorTransform(str(directory / CODEC_FILES[1]))
+            quantizer = faiss.read_ProductQuantizer(str(directory / PQ_FILE))
+            if (directory / OPQ_FILE).exists():
+                rotation = faiss.read_VectorTransform(str(directory / OPQ_FILE))
         part = MultiVectorPart(
             directory, meta["codec"], np.asarray(load("offsets")), load("raw_counts"),
             np.asarray(load("centroids")), load("centroid_ids"), np.asarray(load("list_offsets")),
@@ -420,21 +421,33 @@ def train_quantizer(targets: np.ndarray) -> tuple[faiss.OPQMatrix, faiss.Product
     rotation = faiss.OPQMatrix(targets.shape[1], m)
     rotation.niter = OPQ_ITERATIONS
     inner = faiss.ProductQuantizer(targets.shape[1], m, 8)  # the PQ the rotation is fitted with
-    inner.cp.min_points_per_centroid = 1  # small segments train on what they have, quietly
+    quantizer = faiss.ProductQuantizer(targets.shape[1], m, bits)
+    quantizer.cp.niter = PQ_ITERATIONS
+    for pq in (inner, quantizer):
+        pq.cp.min_points_per_centroid = 1  # small segments train on what they have, quietly
     rotation.pq = inner
-    # One thread: OPQ's result depends on the thread count (summation order), and a segment must be the
-    # same bytes wherever it is built (a Ray worker or the writer).
+    with one_thread():
+        rotation.train(sample(targets, OPQ_TRAIN_SAMPLE))
+    rotation.pq = None  # faiss keeps only a pointer to `inner`, which Python frees on return
+    quantizer.train(rotate(rotation, sample(targets, TRAIN_SAMPLE)))
+    return rotation, quantizer
+
+
+def rotate(rotation: faiss.OPQMatrix, vectors: np.ndarray) -> np.ndarray:
+    with one_thread():
+        return rotation.apply(np.ascontiguousarray(vectors))
+
+
+@contextmanager
+def one_thread():
+    """OPQ's training and its rotation differ with the thread count (BLAS's summation order), and a
+    segment must be the same bytes wherever it is built (a Ray worker or the writer)."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        rotation.train(sample(targets, OPQ_TRAIN_SAMPLE))
+        yield
     finally:
         faiss.omp_set_num_threads(threads)
-    quantizer = faiss.ProductQuantizer(targets.shape[1], m, bits)
-    quantizer.cp.min_points_per_centroid = 1  # small segments train on what they have, quietly
-    quantizer.cp.niter = PQ_ITERATIONS
-    quantizer.train(rotation.apply(sample(targets, TRAIN_SAMPLE)))
-    return rotation, quantizer
 
 
 def inverted_lists(ids: np.ndarray, lengths: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -252,7 +252,8 @@ def test_multivector_knobs_are_validated_in_settings_and_per_search(adi_index):
 
 def test_repeated_compactions_keep_codes_and_scores(tmp_path, corpus):
     """Compacting one segment copies its centroids, ids and residual codes as they are: nothing is
-    re-quantised, so every remaining document scores exactly as before, however often it runs."""
+    re-quantised, so every remaining document scores as before, however often it runs (to float32
+    rounding: BLAS may sum in another order when the candidate matrix has another shape)."""
     settings = CollectionSettings(indexes=("multivector",), pool_factor=2, compression="residual")
     collection = Collection.create(tmp_path / "c", settings)
     collection.upsert(corpus)
@@ -274,7 +275,7 @@ def test_repeated_compactions_keep_codes_and_scores(tmp_path, corpus):
         assert len(collection.snapshot.segments) == 1
         now = scores()
         assert victim not in now
-        assert now == {doc_id: score for doc_id, score in before.items() if doc_id in now}
+        assert now == pytest.approx({doc_id: score for doc_id, score in before.items() if doc_id in now}, rel=1e-6)
         assert set(now) == set(before) - {d.id for d in corpus[:round_ + 1]}
     start = int(collection.snapshot.segments[0].parts["multivector"].offsets[0])
     removed = sum(int(n) for n in np.diff(MultiVectorRetriever(settings).pool(
