@@ -2,6 +2,8 @@
 
     <staging>/<collection>-<job id>/job.json        the collection's settings the segments were built with
     <staging>/<collection>-<job id>/<segment name>/ one segment each, written by segment.py's Segment.write
+    <staging>/<collection>-<job id>/shard<i>of<n>/  for a sharded collection, a job folder for each shard,
+                                                    its segments' names prefixed with it
 
 `staging` is a local folder or any fsspec URL (s3://, gs://, file://) that the workers can write and the
 writer can read. A segment is written aside and renamed (locally) or uploaded with meta.json last (object
@@ -35,6 +37,30 @@ def job_folder(staging: str, collection: str, job_id: str) -> str:
     if not STAGED_NAME.fullmatch(f"{collection}-{job_id}"):
         raise InvalidArgument(f"job id {job_id!r}: letters, digits, '_', '.', '-' only")
     return f"{staging.rstrip('/')}/{collection}-{job_id}"
+
+
+def shard_job(shard: int, shards: int) -> str:
+    """A sharded job's folder for one shard's segments, and the prefix of their names."""
+    return f"shard{shard}of{shards}"
+
+
+SHARD_PREFIX = re.compile(r"shard(\d+)of(\d+)-")
+
+
+def routed_segments(segments: list[str], shards: int) -> dict[int, list[str]]:
+    """A sharded job's segment names by shard, once the job is known to be routed for `shards` shards."""
+    owned: dict[int, list[str]] = {}
+    for name in segments:
+        match = SHARD_PREFIX.match(name)
+        if not match:
+            raise FailedPrecondition(f"staged segment {name} was built for one writer, not routed over shards: "
+                                     "run the job against the router")
+        shard, staged_for = int(match[1]), int(match[2])
+        if staged_for != shards or shard >= shards:
+            raise FailedPrecondition(f"the job was routed for {staged_for} shards, the collection has {shards}: "
+                                     "run it again")
+        owned.setdefault(shard, []).append(name)
+    return owned
 
 
 def start_job(folder: str, settings: CollectionSettings) -> None:

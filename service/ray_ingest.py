@@ -1,9 +1,11 @@
 """Distributed batch ingestion on Ray Data: encode a corpus on many workers, commit it atomically.
 
     files (Ray Data, any fsspec file system) -> batches (the rule `sieve ingest` cuts a file with)
+      -> per-shard routing, where the collection is sharded (each batch split by owner, as the router splits)
       -> validation + quality pruning (actors) -> every index's encoder (actors: models loaded once, a GPU each
          where there are GPUs) -> token pooling and segment building (actors, into the job's staging folder)
-      -> the writer imports every staged segment in ONE generation (Engine.import_segments)
+      -> the writer imports every staged segment in ONE generation (Engine.import_segments); behind a router,
+         each shard's writer imports its own in one generation each (Router.import_segments)
 
 Every step calls the function ordinary ingestion calls (index/pipeline.py, each retriever's encoder, the
 multi-vector retriever's `token_vectors` then `pool`, which is its `encode_documents`), on the same
@@ -34,7 +36,9 @@ from pathlib import Path
 
 import xxhash
 
-from sieve.index.bulk import job_folder, stage_segment, start_job
+from sieve.service.router import shard_addresses, shard_of
+
+from sieve.index.bulk import job_folder, remove_job, shard_job, stage_segment, start_job
 from sieve.index.documents import BadLine, Document, batches, parse_jsonl, validate_document
 from sieve.index.errors import InvalidArgument, SieveError
 from sieve.index.pipeline import check_documents, split_pruned
@@ -51,7 +55,7 @@ STAGES = ("read", "prune", "encode", "pool", "build")
 class Work:
     """One batch on its way through the stages (a row of the dataset, pickled)."""
 
-    key: str  # <file number>-<batch number>: the staged segment's name, and the commit order
+    key: str  # [shard<i>of<n>-]<file number>-<batch number>: the staged segment's name, and the commit order
     documents: list[Document]
     lines: int  # lines (or Parquet rows) of the file this batch read, skipped ones included
     skipped: list[str]  # the malformed lines among them, as `sieve ingest` reports them
@@ -98,8 +102,9 @@ def _parquet_rows(data: bytes, path: Path):
             yield doc
 
 
-def read_batches(row: dict, files: list[str], batch_size: int) -> list[dict]:
-    """A file's bytes -> its batches, cut by the rule of `sieve ingest` (documents.batches)."""
+def read_batches(row: dict, files: list[str], batch_size: int, shards: int = 0) -> list[dict]:
+    """A file's bytes -> its batches, cut by the rule of `sieve ingest` (documents.batches); behind a
+    router of `shards` shards, each batch split into the parts the router would send each shard."""
     start = time.perf_counter()
     path, number = Path(row["path"]), files.index(row["path"])
     items = _parquet_rows(row["bytes"], path) if path.suffix == ".parquet" \
@@ -119,9 +124,24 @@ def read_batches(row: dict, files: list[str], batch_size: int) -> list[dict]:
         read = lines
     if seen[0] > read or not works:  # malformed lines after the last batch, or a file with no document
         works.append(Work(f"{number:05d}-{len(works):07d}", [], seen[0] - read, problems[:]))
+    if shards:
+        works = [part for work in works for part in route(work, shards)]
     for work in works:
         work.seconds["read"] = (time.perf_counter() - start) / len(works)
     return [work.row() for work in works]
+
+
+def route(work: Work, shards: int) -> list[Work]:
+    """A batch's documents by owning shard (Router._owners' rule, in batch order), as one Work a shard; the
+    first carries the batch's line counts. A batch with no document stays whole (nothing is staged)."""
+    owned: dict[int, list[Document]] = {}
+    for doc in work.documents:
+        owned.setdefault(shard_of(doc.id, shards), []).append(doc)
+    if not owned:
+        return [work]
+    parts = [Work(f"{shard_job(shard, shards)}-{work.key}", docs, 0, []) for shard, docs in sorted(owned.items())]
+    parts[0].lines, parts[0].skipped = work.lines, work.skipped
+    return parts
 
 
 class Prune:
@@ -184,7 +204,9 @@ class Build:
         documents = work.documents + work.pruned
         if documents:
             batch = PreparedBatch(documents, len(work.documents), work.encoded, work.quality)
-            stage_segment(self.folder, work.key, batch, self.retrievers, self.settings)
+            shard = work.key.split("-")[0] if work.key.startswith("shard") else ""
+            folder = f"{self.folder}/{shard}" if shard else self.folder  # a shard's writer imports its folder
+            stage_segment(folder, work.key, batch, self.retrievers, self.settings)
         work.seconds["build"] = time.perf_counter() - start
         return {"key": work.key, "documents": len(documents), "indexed": len(work.documents), "lines": work.lines,
                 "encoder": work.encoder, "skipped": json.dumps(work.skipped), "seconds": json.dumps(work.seconds)}
@@ -230,10 +252,13 @@ def default_job_id(source: str, collection: str) -> str:
 
 def stage_job(source: str, settings: CollectionSettings, staging: str, collection: str, *,
               job_id: str = "", batch_size: int = 64, workers: int = 0, cpus_per_worker: float = 1,
-              max_docs: int = 1024, max_chars: int = 100_000, progress: bool = True, encoder=Encode) -> JobReport:
+              max_docs: int = 1024, max_chars: int = 100_000, shards: int = 0, progress: bool = True,
+              encoder=Encode) -> JobReport:
     """Run the pipeline on the Ray cluster this process is connected to (ray.init) and stage every batch's
     segment; nothing is committed. `workers`: encoder actors (0: one per GPU, else one per
-    `cpus_per_worker` CPUs). Raises the first batch's error (e.g. INVALID_ARGUMENT for a bad document)."""
+    `cpus_per_worker` CPUs). `shards`: the router's shard count for a sharded collection (each shard's
+    segments in a folder of their own), 0 for one writer. Raises the first batch's error (e.g.
+    INVALID_ARGUMENT for a bad document)."""
     import ray
 
     if not 1 <= batch_size <= max_docs:
@@ -241,6 +266,8 @@ def stage_job(source: str, settings: CollectionSettings, staging: str, collectio
     fs, files = corpus_files(source)
     folder = job_folder(staging, collection, job_id or default_job_id(source, collection))
     start_job(folder, settings)
+    for shard in range(shards):
+        start_job(f"{folder}/{shard_job(shard, shards)}", settings)
     started = time.perf_counter()
     plain = settings.to_dict()
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -259,7 +286,8 @@ def stage_job(source: str, settings: CollectionSettings, staging: str, collectio
     try:
         dataset = ray.data.read_binary_files(files, include_paths=True, filesystem=PyFileSystem(FSSpecHandler(fs)),
                                              ray_remote_args=light)
-        dataset = dataset.flat_map(read_batches, fn_kwargs={"files": files, "batch_size": batch_size}, **light)
+        dataset = dataset.flat_map(read_batches, fn_kwargs={"files": files, "batch_size": batch_size,
+                                                            "shards": shards}, **light)
         dataset = dataset.map(Prune, fn_constructor_args=(plain, max_docs, max_chars), concurrency=workers, **light)
         dataset = dataset.map(encoder, fn_constructor_args=(plain, int(cpus_per_worker) if not gpus else 0),
                               concurrency=workers, **device)
@@ -300,18 +328,22 @@ def _sieve_error(error: Exception) -> Exception:
     return error
 
 
-def settings_of(target, collection: str) -> tuple[CollectionSettings, int, int]:
-    """(settings, max documents a batch, max characters a document) of a collection at an engine (SyncEngine)
-    or a server (SieveClient)."""
+def settings_of(target, collection: str) -> tuple[CollectionSettings, int, int, int]:
+    """(settings, max documents a batch, max characters a document, shards: 0 unless a router) of a
+    collection at an engine (SyncEngine) or a server (SieveClient)."""
     from .client import SieveClient, struct_dict
 
     if isinstance(target, SieveClient):
         from .config import ServerConfig
 
         defaults = ServerConfig()  # a server does not publish its limits: the defaults
-        settings = CollectionSettings.from_dict(struct_dict(target.describe(collection).settings))
-        return settings, defaults.max_batch_documents, defaults.max_document_chars
-    return target.settings(collection), target.config.max_batch_documents, target.config.max_document_chars
+        info = target.describe(collection)
+        shards = len(struct_dict(info.stats.details).get("shards", {}))  # a router lists its shards there
+        settings = CollectionSettings.from_dict(struct_dict(info.settings))
+        return settings, defaults.max_batch_documents, defaults.max_document_chars, shards
+    shards = len(shard_addresses(target.config.shards)) if target.config.shards else 0
+    return (target.settings(collection), target.config.max_batch_documents, target.config.max_document_chars,
+            shards)
 
 
 def ingest_with_ray(source: str, collection: str, target, *, staging: str = "", address: str | None = None,
@@ -321,7 +353,7 @@ def ingest_with_ray(source: str, collection: str, target, *, staging: str = "", 
     (then `staging` must be a folder or URL it can read, under its SIEVE_IMPORT_ROOTS). Options: stage_job's."""
     import ray
 
-    settings, max_docs, max_chars = settings_of(target, collection)
+    settings, max_docs, max_chars, shards = settings_of(target, collection)
     if not staging:
         from .client import SieveClient
         from .engine import STAGING
@@ -332,9 +364,12 @@ def ingest_with_ray(source: str, collection: str, target, *, staging: str = "", 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": os.cpu_count()}))
-    report = stage_job(source, settings, staging, collection, max_docs=max_docs, max_chars=max_chars, **options)
+    report = stage_job(source, settings, staging, collection, max_docs=max_docs, max_chars=max_chars,
+                       shards=shards, **options)
     if report.segments:
         report.committed = target.import_segments(collection, report.job, report.segments)
+        if shards:  # each shard removed its own folder; what is left is the job's empty root
+            remove_job(report.job)
     return report
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import xxhash
 
+from sieve.index.bulk import routed_segments, shard_job
 from sieve.index.collection import FUSION_DEPTH, Health, SearchHit, UpsertResult
 from sieve.index.documents import Document, validate_batch
 from sieve.index.errors import (AlreadyExists, CorruptIndex, InvalidArgument, NotFound, ReadOnly, ResourceExhausted,
@@ -241,7 +242,23 @@ class Router(BaseEngine):
         return self._combined(infos)
 
     async def import_segments(self, collection: str, job: str, segments: list[str]) -> UpsertResult:
-        raise ReadOnly("a router holds no files: run the batch job against each shard's writer")
+        """A job routed over the shards (index/bulk.py): each shard's writer imports its own folder, in one
+        generation each. A shard that fails is named; importing the job again is not possible once some
+        shard has committed (it removes its folder), but running the job again is safe (upserts by id)."""
+        if not segments:
+            raise InvalidArgument("the import names no segments")
+        owned = routed_segments(segments, len(self.shards))
+
+        async def one(shard: int, names: list[str]) -> pb.UpsertResponse:
+            folder = f"{job.rstrip('/')}/{shard_job(shard, len(self.shards))}"
+            request = pb.ImportSegmentsRequest(collection=collection, job=folder, segments=names)
+            return await self._call(self.shards[shard], self.shards[shard].ingest.ImportSegments, request, 3600)
+
+        outcomes = await asyncio.gather(*(one(shard, names) for shard, names in owned.items()),
+                                        return_exceptions=True)
+        committed = [self.shards[s].name for s, o in zip(owned, outcomes) if not isinstance(o, BaseException)]
+        return summed(outcomes, f"shards {committed or 'none'} committed their part; run the job again: it "
+                                "upserts by id")
 
     async def repair(self, name: str) -> tuple[RepairReport, CollectionInfo]:
         raise ReadOnly("a router holds no files: repair each shard's collection on that shard")
@@ -355,15 +372,8 @@ class Router(BaseEngine):
         owners = self._owners(list(by_id))
         outcomes = await asyncio.gather(*(one(self.shards[p], owned) for p, owned in owners.items()),
                                         return_exceptions=True)
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
-        if failures:
-            done = sum(len(owned) for owned, o in zip(owners.values(), outcomes) if not isinstance(o, BaseException))
-            if not all(isinstance(f, SieveError) for f in failures):
-                raise_all(failures)
-            raise type(failures[0])("; ".join(map(str, failures)) + f" ({done} documents on the other shards are "
-                                    "committed; sending the batch again is safe)")
-        return UpsertResult(sum(o.upserted for o in outcomes), sum(o.pruned for o in outcomes),
-                            sum(o.generation for o in outcomes))
+        done = sum(len(owned) for owned, o in zip(owners.values(), outcomes) if not isinstance(o, BaseException))
+        return summed(outcomes, f"{done} documents on the other shards are committed; sending the batch again is safe")
 
     async def delete(self, collection: str, ids: list[str]) -> tuple[int, list[str], int]:
         if not ids:
@@ -403,6 +413,18 @@ async def first_response(upsert, request, timeout: float, metadata) -> pb.Upsert
     async for response in upsert(iter([request]), timeout=timeout, metadata=metadata):
         return response
     raise Unavailable("the shard closed the stream without acknowledging the batch")
+
+
+def summed(outcomes: list, partial_note: str) -> UpsertResult:
+    """The shards' UpsertResponses added up; if some failed, a Sieve error naming each failure and what
+    the others committed (`partial_note`)."""
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        if not all(isinstance(f, SieveError) for f in failures):
+            raise_all(failures)
+        raise type(failures[0])("; ".join(map(str, failures)) + f" ({partial_note})")
+    return UpsertResult(sum(o.upserted for o in outcomes), sum(o.pruned for o in outcomes),
+                        sum(o.generation for o in outcomes))
 
 
 def raise_all(failures: list[BaseException]) -> None:

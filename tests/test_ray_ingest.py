@@ -130,6 +130,47 @@ def test_a_ray_job_indexes_what_sieve_ingest_does(cluster, scifact, tmp_path):
         server.stop()
 
 
+def test_a_ray_job_behind_a_router_is_routed_to_each_shard_as_sieve_ingest_does(cluster, scifact, tmp_path):
+    """Two real shards behind a real router: the job splits each batch by owner (as the router splits a
+    batch), each shard's writer imports its own folder, and every shard ends with the segments `sieve
+    ingest` through the router gives it, byte for byte (pruning by ratio runs on each shard's part)."""
+    from sieve.service.cli import main
+    from sieve.service.client import SieveClient
+    from sieve.service.process import ServerProcess
+
+    source = write_corpus(tmp_path / "slice.jsonl", scifact)
+    staging = tmp_path / "staging"
+    shards = [ServerProcess(tmp_path / f"shard-{n}", env={"SIEVE_IMPORT_ROOTS": str(staging)}).start()
+              for n in range(2)]
+    router = ServerProcess(tmp_path / "router", env={"SIEVE_SHARDS": ",".join(s.target for s in shards)}).start()
+    settings = {"indexes": ["dense", "bm25"], "quality_estimator": "unique_terms", "prune_ratio": 0.2}
+    try:
+        common = ["--server", router.target, "--batch-size", "32", "--settings", json.dumps(settings)]
+        assert main(["ingest", str(source), "--collection", "plain", *common]) == 0
+        assert main(["ingest", str(source), "--collection", "ray", "--ray", cluster.address, "--staging",
+                     str(staging), *common]) == 0
+        assert not any(staging.iterdir())  # every shard's folder, then the job's root, removed once committed
+        for shard in shards:
+            plain, distributed = segment_files(shard.data / "plain"), segment_files(shard.data / "ray")
+            assert len(plain) == len(distributed) == 3  # 70 documents in batches of 32: a part of each
+            assert plain == distributed
+        with SieveClient(router.target) as client:
+            described = [client.describe(name).stats for name in ("plain", "ray")]
+            assert [(s.documents, s.pruned) for s in described][0] == [(s.documents, s.pruned) for s in described][1]
+            assert sum([described[1].documents, described[1].pruned]) == 70
+            for doc in scifact[:4]:
+                hits = [[(h.id, h.score) for h in client.search(name, doc.title, k=10).results]
+                        for name in ("plain", "ray")]
+                assert hits[0] == hits[1]
+            with pytest.raises(grpc.RpcError) as refused:  # a job staged for one writer, sent to the router
+                client.import_segments("ray", str(staging / "job"), ["00000-0000000"])
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "run the job against the router" in refused.value.details()
+    finally:
+        for process in (router, *shards):
+            process.stop()
+
+
 class CrashingOnce(Encode):
     """An encoder whose worker process dies on its first batch, once (a marker file remembers)."""
 
