@@ -281,3 +281,16 @@ def test_imported_segments_commit_once_and_upsert_by_id_without_ray(scifact, tmp
         plain, imported = engine.describe("plain").stats, engine.describe("bulk").stats
         assert (plain["documents"], plain["deleted"]) == (imported["documents"], imported["deleted"]) == (30, 1)
         assert engine.get("bulk", [scifact[0].id])[0][0].text == "Second version."
+
+
+def test_a_routed_job_names_its_shards_and_its_shard_count():
+    from sieve.index.bulk import routed_segments, shard_job
+
+    names = [f"{shard_job(1, 2)}-00000-0000000", f"{shard_job(0, 2)}-00000-0000000", f"{shard_job(1, 2)}-00000-0000001"]
+    assert routed_segments(names, 2) == {1: [names[0], names[2]], 0: [names[1]]}
+    with pytest.raises(FailedPrecondition, match="routed for 2 shards, the collection has 3"):
+        routed_segments(names, 3)
+    with pytest.raises(FailedPrecondition, match="built for one writer"):
+        routed_segments(["00000-0000000"], 2)
+    assert [part.key for part in ray_ingest.route(ray_ingest.Work("00000-0000000", corpus("scifact")[:20], 20, []), 2)] \
+        == [f"{shard_job(0, 2)}-00000-0000000", f"{shard_job(1, 2)}-00000-0000000"]
