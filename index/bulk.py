@@ -10,7 +10,9 @@ writer can read. A segment is written aside and renamed (locally) or uploaded wi
 stores), so a segment cut short by a killed worker reads as incomplete and is never listed by the job:
 the writer imports exactly the segments the job names, in its order, after verifying every checksum
 (Collection.import_segments). A job id names one job: starting it again clears what an earlier,
-interrupted run left, so a rerun is idempotent; the writer removes the folder once committed.
+interrupted run left, so a rerun is idempotent, or (resumed) keeps the segments whose batch has not
+changed (each marked by a <segment name>.staged.json written after it); the writer removes the folder
+once committed.
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .errors import CorruptIndex, FailedPrecondition, InvalidArgument, NotFound
 from .segment import PreparedBatch, Segment
 from .settings import CollectionSettings
 from .storage import TEMPORARY_PREFIX, _remote, remote_errors, seal, unseal, upload_folder
 
 JOB_FILE = "job.json"
+STAGED_MARK = ".staged.json"  # beside a staged segment: its batch's summary, written once the segment is
 STAGED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a plain folder name: never a path
 
 
@@ -63,20 +66,59 @@ def routed_segments(segments: list[str], shards: int) -> dict[int, list[str]]:
     return owned
 
 
-def start_job(folder: str, settings: CollectionSettings) -> None:
-    """An empty job folder (whatever an earlier run of this job left is removed) with its job.json."""
+def start_job(folder: str, settings: CollectionSettings, resume: bool = False) -> bool:
+    """The job folder with its job.json: emptied of whatever an earlier run of this job left, unless
+    `resume` and that run used the same settings. Whether it was kept."""
     record = seal({"settings": settings.to_dict()})
     if is_url(folder):
         fs, root = _remote(folder)
         with remote_errors(folder):
+            if resume and fs.exists(f"{root}/{JOB_FILE}") and fs.cat_file(f"{root}/{JOB_FILE}") == record:
+                return True
             if fs.exists(root):
                 fs.rm(root, recursive=True)
             fs.makedirs(root, exist_ok=True)
             fs.pipe_file(f"{root}/{JOB_FILE}", record)
+        return False
+    job = Path(folder) / JOB_FILE
+    if resume and job.is_file() and job.read_bytes() == record:
+        return True
+    shutil.rmtree(folder, ignore_errors=True)
+    Path(folder).mkdir(parents=True)
+    job.write_bytes(record)
+    return False
+
+
+def mark_staged(folder: str, name: str, summary: dict) -> None:
+    """Record that segment `name` is staged (written once it is), so that a resumed job skips its batch."""
+    record = seal(summary)
+    if is_url(folder):
+        fs, root = _remote(folder)
+        with remote_errors(folder):
+            fs.pipe_file(f"{root}/{name}{STAGED_MARK}", record)
+        return
+    mark = Path(folder) / f"{name}{STAGED_MARK}"
+    tmp = mark.with_name(f"{TEMPORARY_PREFIX}{mark.name}")
+    tmp.write_bytes(record)
+    tmp.rename(mark)
+
+
+def staged_marks(folder: str) -> dict[str, dict]:
+    """The summaries mark_staged recorded in a job folder, by segment name."""
+    if is_url(folder):
+        fs, root = _remote(folder)
+        with remote_errors(folder):
+            paths = [p for p in fs.ls(root, detail=False) if p.endswith(STAGED_MARK)]
+            found = {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in paths}
     else:
-        shutil.rmtree(folder, ignore_errors=True)
-        Path(folder).mkdir(parents=True)
-        (Path(folder) / JOB_FILE).write_bytes(record)
+        found = {p.name: p.read_bytes() for p in Path(folder).glob(f"*{STAGED_MARK}")}
+    marks = {}
+    for name, raw in found.items():
+        try:
+            marks[name[:-len(STAGED_MARK)]] = unseal(raw, name)
+        except CorruptIndex:  # a damaged mark: its batch is encoded again
+            continue
+    return marks
 
 
 def stage_segment(folder: str, name: str, batch: PreparedBatch, retrievers: dict,

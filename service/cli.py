@@ -73,14 +73,16 @@ def cmd_ingest_ray(args) -> int:
         try:
             report = ingest_with_ray(args.path, args.collection, client, staging=args.staging or os.environ.get("SIEVE_STAGING", ""),
                                      address=None if args.ray == "local" else args.ray, batch_size=args.batch_size,
-                                     workers=args.workers, job_id=args.job_id or "")
+                                     workers=args.workers, job_id=args.job_id or "", resume=args.resume)
         except SieveError as error:
-            print(f"error: {error}; nothing was committed", file=sys.stderr)
+            partly = "committed their part" in str(error)  # a router's shards commit independently
+            print(f"error: {error}{'' if partly else '; nothing was committed'}", file=sys.stderr)
             return 1
     committed = report.committed
     print(f"ingested {committed.upserted if committed else 0} documents into {args.collection!r} in one commit "
           f"({len(report.segments)} segments), pruned {report.pruned} by quality, skipped {len(report.skipped)} "
-          f"malformed lines; {report.lines} lines in {report.wall_seconds:.1f} s")
+          f"malformed lines; {report.lines} lines in {report.wall_seconds:.1f} s"
+          + (f"; {report.resumed} segments kept from the interrupted run" if report.resumed else ""))
     for problem in report.skipped[:20]:
         print(f"  skipped {problem}", file=sys.stderr)
     return 1 if report.skipped and args.strict else 0
@@ -402,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     ingest.add_argument("--workers", type=int, default=0, help="--ray: encoder actors (0: one per GPU, else per CPU)")
     ingest.add_argument("--job-id", help="--ray: names the job; running it again replaces what an interrupted run "
                                          "staged (default: from the collection and PATH)")
+    ingest.add_argument("--resume", action="store_true", help="--ray: keep what an interrupted run of this job staged "
+                                                              "from unchanged batches; encode only the rest")
     ingest.set_defaults(run=cmd_ingest)
 
     search = client_command("search", "search a collection")

@@ -38,7 +38,7 @@ import xxhash
 
 from sieve.service.router import shard_addresses, shard_of
 
-from sieve.index.bulk import job_folder, remove_job, shard_job, stage_segment, start_job
+from sieve.index.bulk import job_folder, mark_staged, remove_job, shard_job, stage_segment, staged_marks, start_job
 from sieve.index.documents import BadLine, Document, batches, parse_jsonl, validate_document
 from sieve.index.errors import InvalidArgument, SieveError
 from sieve.index.pipeline import check_documents, split_pruned
@@ -64,6 +64,8 @@ class Work:
     encoded: dict = field(default_factory=dict)
     encoder: str = ""  # the encoding worker (node:pid), so a report can say how many did the work
     seconds: dict = field(default_factory=dict)  # per stage, this batch's share
+    digest: str = ""  # of the batch's documents: a resumed job keeps a staged segment only if it matches
+    resumed: bool = False  # staged by an earlier run of the job from the same documents: every stage skips it
 
     def row(self) -> dict:
         return {"key": self.key, "work": pickle.dumps(self, protocol=5)}
@@ -78,6 +80,8 @@ def _timed(stage: str):
         @functools.wraps(step)
         def timed(self, row):
             work = _work(row)
+            if work.resumed:
+                return row
             start = time.perf_counter()
             step(self, work)
             work.seconds[stage] = work.seconds.get(stage, 0.0) + time.perf_counter() - start
@@ -102,9 +106,11 @@ def _parquet_rows(data: bytes, path: Path):
             yield doc
 
 
-def read_batches(row: dict, files: list[str], batch_size: int, shards: int = 0) -> list[dict]:
+def read_batches(row: dict, files: list[str], batch_size: int, shards: int = 0,
+                 staged: dict[str, str] | None = None) -> list[dict]:
     """A file's bytes -> its batches, cut by the rule of `sieve ingest` (documents.batches); behind a
-    router of `shards` shards, each batch split into the parts the router would send each shard."""
+    router of `shards` shards, each batch split into the parts the router would send each shard. A batch
+    whose segment an earlier run staged from the same documents (`staged`: name -> digest) is resumed."""
     start = time.perf_counter()
     path, number = Path(row["path"]), files.index(row["path"])
     items = _parquet_rows(row["bytes"], path) if path.suffix == ".parquet" \
@@ -128,6 +134,9 @@ def read_batches(row: dict, files: list[str], batch_size: int, shards: int = 0) 
         works = [part for work in works for part in route(work, shards)]
     for work in works:
         work.seconds["read"] = (time.perf_counter() - start) / len(works)
+        work.digest = xxhash.xxh3_64_hexdigest(pickle.dumps(work.documents, protocol=5))
+        if work.documents and (staged or {}).get(work.key) == work.digest:
+            work.resumed, work.documents = True, []  # its segment and summary are in the job folder
     return [work.row() for work in works]
 
 
@@ -195,6 +204,9 @@ class Build:
 
     def __call__(self, row: dict) -> dict:
         work = _work(row)
+        if work.resumed:  # the driver takes its summary from the job folder
+            return {"key": work.key, "documents": 0, "indexed": 0, "lines": 0, "encoder": "", "skipped": "[]",
+                    "seconds": "{}", "resumed": True}
         start = time.perf_counter()
         for name, retriever in self.retrievers.items():
             if hasattr(retriever, "pool") and name in work.encoded:
@@ -208,8 +220,12 @@ class Build:
             folder = f"{self.folder}/{shard}" if shard else self.folder  # a shard's writer imports its folder
             stage_segment(folder, work.key, batch, self.retrievers, self.settings)
         work.seconds["build"] = time.perf_counter() - start
-        return {"key": work.key, "documents": len(documents), "indexed": len(work.documents), "lines": work.lines,
-                "encoder": work.encoder, "skipped": json.dumps(work.skipped), "seconds": json.dumps(work.seconds)}
+        summary = {"key": work.key, "documents": len(documents), "indexed": len(work.documents), "lines": work.lines,
+                   "encoder": work.encoder, "skipped": json.dumps(work.skipped), "seconds": json.dumps(work.seconds),
+                   "resumed": False}
+        if documents:
+            mark_staged(self.folder, work.key, {**summary, "digest": work.digest})
+        return summary
 
 
 # The job --------------------------------------------------------------------------------------------
@@ -223,6 +239,7 @@ class JobReport:
     skipped: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)  # busy seconds per stage, summed over batches and workers
     encoders: int = 0  # encoder worker processes that encoded a batch (a restarted one counts again)
+    resumed: int = 0  # segments an earlier run of the job had staged, kept (`resume`)
     wall_seconds: float = 0.0
     committed: object = None  # the writer's UpsertResult (or UpsertResponse), once imported
 
@@ -252,22 +269,24 @@ def default_job_id(source: str, collection: str) -> str:
 
 def stage_job(source: str, settings: CollectionSettings, staging: str, collection: str, *,
               job_id: str = "", batch_size: int = 64, workers: int = 0, cpus_per_worker: float = 1,
-              max_docs: int = 1024, max_chars: int = 100_000, shards: int = 0, progress: bool = True,
-              encoder=Encode) -> JobReport:
+              max_docs: int = 1024, max_chars: int = 100_000, shards: int = 0, resume: bool = False,
+              progress: bool = True, encoder=Encode) -> JobReport:
     """Run the pipeline on the Ray cluster this process is connected to (ray.init) and stage every batch's
     segment; nothing is committed. `workers`: encoder actors (0: one per GPU, else one per
     `cpus_per_worker` CPUs). `shards`: the router's shard count for a sharded collection (each shard's
-    segments in a folder of their own), 0 for one writer. Raises the first batch's error (e.g.
-    INVALID_ARGUMENT for a bad document)."""
+    segments in a folder of their own), 0 for one writer. `resume`: keep what an earlier, interrupted run
+    of this job (same id, same settings) staged from the same documents, and encode only the rest.
+    Raises the first batch's error (e.g. INVALID_ARGUMENT for a bad document)."""
     import ray
 
     if not 1 <= batch_size <= max_docs:
         raise InvalidArgument(f"batch size must be within 1..{max_docs}, not {batch_size}")
     fs, files = corpus_files(source)
     folder = job_folder(staging, collection, job_id or default_job_id(source, collection))
-    start_job(folder, settings)
+    kept = start_job(folder, settings, resume)
     for shard in range(shards):
-        start_job(f"{folder}/{shard_job(shard, shards)}", settings)
+        kept = start_job(f"{folder}/{shard_job(shard, shards)}", settings, kept) and kept
+    marks = staged_marks(folder) if kept else {}
     started = time.perf_counter()
     plain = settings.to_dict()
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -286,14 +305,18 @@ def stage_job(source: str, settings: CollectionSettings, staging: str, collectio
     try:
         dataset = ray.data.read_binary_files(files, include_paths=True, filesystem=PyFileSystem(FSSpecHandler(fs)),
                                              ray_remote_args=light)
+        staged = {name: mark["digest"] for name, mark in marks.items()}
         dataset = dataset.flat_map(read_batches, fn_kwargs={"files": files, "batch_size": batch_size,
-                                                            "shards": shards}, **light)
+                                                            "shards": shards, "staged": staged}, **light)
         dataset = dataset.map(Prune, fn_constructor_args=(plain, max_docs, max_chars), concurrency=workers, **light)
         dataset = dataset.map(encoder, fn_constructor_args=(plain, int(cpus_per_worker) if not gpus else 0),
                               concurrency=workers, **device)
         dataset = dataset.map(Build, fn_constructor_args=(plain, folder), concurrency=workers, **light)
         with tqdm(desc=f"ray ingest {collection}", unit="batch", disable=not progress) as bar:
             for row in dataset.iter_rows():
+                if row["resumed"]:
+                    row = {**marks[row["key"]], "resumed": True}
+                    report.resumed += 1
                 rows.append(row)
                 report.lines += row["lines"]
                 report.indexed += row["indexed"]
@@ -306,11 +329,11 @@ def stage_job(source: str, settings: CollectionSettings, staging: str, collectio
         raise _sieve_error(error) from None
     finally:
         context.target_max_block_size = block_size
-    report.encoders = len({row["encoder"] for row in rows if row["indexed"]})
+    report.encoders = len({row["encoder"] for row in rows if row["indexed"] and not row["resumed"]})
     for row in sorted(rows, key=lambda r: r["key"]):
         if row["documents"]:
             report.segments.append(row["key"])
-        for stage, seconds in json.loads(row["seconds"]).items():
+        for stage, seconds in json.loads(row["seconds"]).items() if not row["resumed"] else ():
             report.seconds[stage] = report.seconds.get(stage, 0.0) + seconds
     report.wall_seconds = time.perf_counter() - started
     return report

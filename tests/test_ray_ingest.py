@@ -232,6 +232,17 @@ def test_a_driver_killed_before_its_commit_changes_nothing_and_the_job_runs_agai
         folder = Path(job_folder(staging, "c", "nightly"))
         assert len([p for p in folder.iterdir() if p.is_dir()]) == 7  # staged, never committed
         assert engine.describe("c").stats == before
+        resumed = stage_job(str(source), engine.settings("c"), staging, "c", job_id="nightly", batch_size=10,
+                            workers=2, resume=True, progress=False)
+        assert (resumed.resumed, resumed.encoders, resumed.seconds.get("encode", 0)) == (7, 0, 0)  # nothing re-encoded
+        assert (resumed.indexed, resumed.lines, len(resumed.segments)) == (70, 70, 7)
+        (source.parent / "changed.jsonl").write_text(source.read_text().replace(scifact[15].text, "Now changed."))
+        source.replace(source.parent / "original.jsonl")
+        (source.parent / "changed.jsonl").replace(source)
+        changed = stage_job(str(source), engine.settings("c"), staging, "c", job_id="nightly", batch_size=10,
+                            workers=2, resume=True, progress=False)
+        assert changed.resumed == 6 and changed.encoders >= 1  # the batch whose document changed is encoded again
+        (source.parent / "original.jsonl").replace(source)
         query = SearchQuery("c", scifact[0].title, k=5)
         generation = before["generation"]
         for run in range(2):  # the job again (it clears what the killed run staged), then once more
