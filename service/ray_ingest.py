@@ -36,8 +36,6 @@ from pathlib import Path
 
 import xxhash
 
-from sieve.service.router import shard_addresses, shard_of
-
 from sieve.index.bulk import job_folder, mark_staged, remove_job, shard_job, stage_segment, staged_marks, start_job
 from sieve.index.documents import BadLine, Document, batches, parse_jsonl, validate_document
 from sieve.index.errors import InvalidArgument, SieveError
@@ -45,6 +43,7 @@ from sieve.index.pipeline import check_documents, split_pruned
 from sieve.index.registry import make_retrievers
 from sieve.index.segment import PreparedBatch
 from sieve.index.settings import CollectionSettings
+from sieve.service.router import shard_addresses, shard_of
 
 log = logging.getLogger("sieve.ray")
 
