@@ -89,7 +89,11 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def maxsim(query: np.ndarray, vectors: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """MaxSim of one query against consecutive documents of `lengths` vectors each (all > 0)."""
-    similarities = vectors @ query.T  # (vectors, query tokens): each document's rows reduce contiguously
+    return summed_max(vectors @ query.T, lengths)
+
+
+def summed_max(similarities: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """MaxSim from (vectors, query tokens) similarities of consecutive documents of `lengths` vectors each."""
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     return np.maximum.reduceat(similarities, starts, axis=0).sum(axis=1)
 
@@ -148,6 +152,19 @@ class MultiVectorPart:
         if self.codec == "residual":
             decoded += self.centroids[self.centroid_ids[positions]]
         return decoded
+
+    def similarities(self, query: np.ndarray, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(vectors, query tokens) dot products of the stored vectors at these positions, what decode() then
+        a product would give, for less: <q, c + R'r> = <q, c> + <Rq, r>, so the rotation R moves onto the
+        few query tokens (not the many document vectors: 384 x 384 a vector) and <q, c> is the centroid
+        score `table` (query x centroid) already holds."""
+        if self.codec == "none":
+            return np.asarray(self.payload[positions], dtype="float32") @ query.T
+        rotated = query if self.rotation is None else self.rotation.apply(np.ascontiguousarray(query))
+        similarities = self.quantizer.decode(np.ascontiguousarray(self.payload[positions])) @ rotated.T
+        if self.codec == "residual":
+            similarities += table.T[self.centroid_ids[positions]]
+        return similarities
 
     def code_bytes(self) -> int:
         """Bytes a stored vector costs: its payload row plus its centroid id."""
@@ -312,8 +329,7 @@ class MultiVectorRetriever(Retriever):
         if len(candidates) == 0:
             return candidates, np.zeros(0, "float32")
         lengths = part.offsets[candidates + 1] - part.offsets[candidates]
-        vectors = part.decode(ranges(part.offsets[candidates], lengths))
-        scores = maxsim(query, vectors, lengths)
+        scores = summed_max(part.similarities(query, table, ranges(part.offsets[candidates], lengths)), lengths)
         order = np.argsort(-scores)[:k]
         return candidates[order], scores[order]
 
@@ -385,8 +401,7 @@ def centroid_interaction(part: MultiVectorPart, table: np.ndarray, candidates: n
 
 def maxsim_from_table(table: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """MaxSim where each document vector's similarities are a column of `table` (query x centroid)."""
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return np.maximum.reduceat(np.ascontiguousarray(table.T)[ids], starts, axis=0).sum(axis=1)
+    return summed_max(np.ascontiguousarray(table.T)[ids], lengths)
 
 
 def train_centroids(vectors: np.ndarray, count: int) -> np.ndarray:

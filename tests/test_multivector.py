@@ -126,6 +126,19 @@ def test_compressed_vectors_fit_the_byte_budget(adi_index):
     assert similarity["residual"] > similarity["pq"]
 
 
+def test_similarities_without_decoding_equal_decoding_then_the_product(adi_index):
+    """The search scores codes with the rotation moved onto the query and the centroid part from the
+    centroid table: the same numbers as decoding every vector back, then the dot products."""
+    for compression in ("none", "pq", "residual"):
+        retriever, part = adi_index(2, compression)
+        query = retriever.encode_queries(["computer indexing of library catalogues"])[0]
+        positions = np.arange(0, part.vectors, 3)
+        expected = part.decode(positions) @ query.T
+        got = part.similarities(query, query @ part.centroids.T, positions)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_maxsim_finds_relevant_documents_on_adi(adi_index):
     _, qrels = load_judged_queries(ADI)
     scores = {}
