@@ -50,6 +50,12 @@ def shard_job(shard: int, shards: int) -> str:
 SHARD_PREFIX = re.compile(r"shard(\d+)of(\d+)-")
 
 
+def staged_folder(folder: str, name: str) -> str:
+    """Where segment `name` of a job is staged: its shard's folder when the job is routed, else the job's."""
+    match = SHARD_PREFIX.match(name)
+    return f"{folder}/{shard_job(int(match[1]), int(match[2]))}" if match else folder
+
+
 def routed_segments(segments: list[str], shards: int) -> dict[int, list[str]]:
     """A sharded job's segment names by shard, once the job is known to be routed for `shards` shards."""
     owned: dict[int, list[str]] = {}

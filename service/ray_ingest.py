@@ -36,7 +36,8 @@ from pathlib import Path
 
 import xxhash
 
-from sieve.index.bulk import job_folder, mark_staged, remove_job, shard_job, stage_segment, staged_marks, start_job
+from sieve.index.bulk import (job_folder, mark_staged, remove_job, shard_job, stage_segment, staged_folder,
+                              staged_marks, start_job)
 from sieve.index.documents import BadLine, Document, batches, parse_jsonl, validate_document
 from sieve.index.errors import InvalidArgument, SieveError
 from sieve.index.pipeline import check_documents, split_pruned
@@ -215,9 +216,8 @@ class Build:
         documents = work.documents + work.pruned
         if documents:
             batch = PreparedBatch(documents, len(work.documents), work.encoded, work.quality)
-            shard = work.key.split("-")[0] if work.key.startswith("shard") else ""
-            folder = f"{self.folder}/{shard}" if shard else self.folder  # a shard's writer imports its folder
-            stage_segment(folder, work.key, batch, self.retrievers, self.settings)
+            # a routed batch goes to its shard's folder, which that shard's writer imports
+            stage_segment(staged_folder(self.folder, work.key), work.key, batch, self.retrievers, self.settings)
         work.seconds["build"] = time.perf_counter() - start
         summary = {"key": work.key, "documents": len(documents), "indexed": len(work.documents), "lines": work.lines,
                    "encoder": work.encoder, "skipped": json.dumps(work.skipped), "seconds": json.dumps(work.seconds),

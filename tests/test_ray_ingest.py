@@ -295,7 +295,7 @@ def test_imported_segments_commit_once_and_upsert_by_id_without_ray(scifact, tmp
 
 
 def test_a_routed_job_names_its_shards_and_its_shard_count():
-    from sieve.index.bulk import routed_segments, shard_job
+    from sieve.index.bulk import routed_segments, shard_job, staged_folder
 
     names = [f"{shard_job(1, 2)}-00000-0000000", f"{shard_job(0, 2)}-00000-0000000", f"{shard_job(1, 2)}-00000-0000001"]
     assert routed_segments(names, 2) == {1: [names[0], names[2]], 0: [names[1]]}
@@ -303,5 +303,6 @@ def test_a_routed_job_names_its_shards_and_its_shard_count():
         routed_segments(names, 3)
     with pytest.raises(FailedPrecondition, match="built for one writer"):
         routed_segments(["00000-0000000"], 2)
+    assert staged_folder("job", names[0]) == f"job/{shard_job(1, 2)}" and staged_folder("job", "00000-0000000") == "job"
     assert [part.key for part in ray_ingest.route(ray_ingest.Work("00000-0000000", corpus("scifact")[:20], 20, []), 2)] \
         == [f"{shard_job(0, 2)}-00000-0000000", f"{shard_job(1, 2)}-00000-0000000"]
