@@ -39,6 +39,7 @@ FUSION_DEPTH = 100  # each retriever's list length before fusion
 AUTO_COMPACT_SEGMENTS = 32
 AUTO_COMPACT_DELETED_RATIO = 0.3
 EVALUATION_FILE = "evaluation.json"  # the last measured reranking run (`sieve evaluate`)
+EXIT_HEADS = "exit_heads"  # early-exit heads trained label-free for the reranker (`sieve train exit-heads`)
 
 
 @dataclass
@@ -199,6 +200,11 @@ class Collection:
         """A side record beside the index (replicas write it too: `sieve evaluate` opens read-only)."""
         with storage_errors(self.directory.parent):
             write_atomically(self.directory / EVALUATION_FILE, json.dumps(figures, indent=2).encode())
+
+    @property
+    def exit_heads(self) -> Path:
+        """Where the reranker's label-free exit heads live (written whole by rankers/exit_heads.save_heads)."""
+        return self.directory / EXIT_HEADS
 
     def refresh(self) -> bool:
         """Read-only replicas: switch to a newer generation written by the writer, if there is one."""
@@ -387,6 +393,8 @@ class Collection:
                     for segment in snapshot.segments:
                         shutil.copytree(segment.directory, staging / "segments" / segment.name,
                                         copy_function=_link_or_copy)
+                    if (self.directory / EXIT_HEADS).is_dir():
+                        shutil.copytree(self.directory / EXIT_HEADS, staging / EXIT_HEADS)
                     os.rename(staging, target)
                 except BaseException:
                     shutil.rmtree(staging, ignore_errors=True)

@@ -27,15 +27,41 @@ PRUNING_CANDIDATES = ((1, 2, 3, 4, 5), (1, 3, 5), (2, 4), (1, 3), (1, 2), (2, 3)
 HEAD_COST = 0.03  # measured: a checkpoint head scores a row for about 3% of a layer's work
 
 
-def pruning_frontier(layer_scores: list, margins_by_recall: dict, k: int = 10) -> list[dict]:
-    """Simulate every checkpoint set of PRUNING_CANDIDATES with every per-layer choice of calibrated
-    margin; keep the settings no other beats on both speedup and top-k overlap with the unpruned ranking."""
+def scaled_candidates(num_layers: int) -> tuple[tuple[int, ...], ...]:
+    """PRUNING_CANDIDATES (chosen for 6 layers) at the same relative depths of a num_layers-layer model."""
+    scaled = []
+    for checkpoints in PRUNING_CANDIDATES:
+        layers = tuple(sorted({min(num_layers - 1, max(1, round(c * num_layers / 6))) for c in checkpoints}))
+        if layers not in scaled and num_layers > 1:
+            scaled.append(layers)
+    return tuple(scaled)
+
+
+def margins_by_recall(layer_scores: list, layers, k: int = 10, recalls=(0.9, 0.95, 0.98, 0.99, 0.995)) -> dict:
+    """{recall: {layer: margin}} from unpruned scores ([num_layers, n] per query): a layer's margin for
+    recall r is how far below that layer's k-th best score a member of the final top k may fall and still
+    survive, such that a share r of all final top-k members survive it."""
+    needed = {layer: [] for layer in layers}
+    for scores in layer_scores:
+        scores = torch.as_tensor(np.asarray(scores, dtype=np.float32))
+        top = torch.argsort(scores[-1], descending=True)[:k]
+        for layer in layers:
+            kth = torch.sort(scores[layer - 1], descending=True).values[min(k, scores.shape[1]) - 1]
+            needed[layer].extend((kth - scores[layer - 1][top]).tolist())
+    return {str(r): {str(layer): max(0.0, float(np.quantile(v, r, method="higher"))) for layer, v in needed.items()}
+            for r in recalls}
+
+
+def pruning_frontier(layer_scores: list, margins_by_recall: dict, k: int = 10,
+                     candidates=PRUNING_CANDIDATES) -> list[dict]:
+    """Simulate every checkpoint set of `candidates` with every per-layer choice of calibrated margin;
+    keep the settings no other beats on both speedup and top-k overlap with the unpruned ranking."""
     layer_scores = [np.asarray(s, dtype=np.float32) for s in layer_scores]
     full_rows = sum(s.size for s in layer_scores)
     full_tops = [set(np.argsort(-s[-1], kind="stable")[:k].tolist()) for s in layer_scores]
     recalls = sorted(margins_by_recall)
     settings = []
-    for checkpoints in PRUNING_CANDIDATES:
+    for checkpoints in candidates:
         if not all(str(c) in margins_by_recall[recalls[0]] for c in checkpoints):
             continue
         for chosen in itertools.product(recalls, repeat=len(checkpoints)):
@@ -69,10 +95,8 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: 
     """On held-out SciFact train queries: per-layer pruning margins, the default pruning setting, and the
     first-stage fusion weight.
 
-    A layer's margin for recall r is how far below that layer's k-th best score a member of the final
-    top-k may fall and still survive, such that a share r of all final top-k members survive it. Pruning
-    settings built from these margins are then simulated on the same scores (exact: a candidate's score
-    does not depend on the others); the default is the cheapest whose top-k overlap with the unpruned
+    Margins come from margins_by_recall; pruning settings built from them are then simulated on the
+    same scores (exact: a candidate's score does not depend on the others); the default is the cheapest whose top-k overlap with the unpruned
     ranking is at least `min_overlap`. The fusion weight (> 0) maximises dev nDCG@10 of the reranker's
     final scores interpolated with the RRF scores (both min-max normalised)."""
     import ir_measures
@@ -88,14 +112,7 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: 
             batch = tokenizer([queries[q]] * len(cands.ids), [passage_text(corpus[d]) for d in cands.ids],
                               truncation="longest_first", max_length=256, padding=True, return_tensors="pt")
             layer_scores.append(model(dict(batch)).float())
-    needed = {layer: [] for layer in model.checkpoint_layers[:-1]}
-    for scores in layer_scores:
-        top = torch.argsort(scores[-1], descending=True)[:k]
-        for i, layer in enumerate(model.checkpoint_layers[:-1]):
-            kth = torch.sort(scores[i], descending=True).values[k - 1]
-            needed[layer].extend((kth - scores[i][top]).tolist())
-    margins = {str(r): {str(layer): max(0.0, float(np.quantile(v, r, method="higher"))) for layer, v in needed.items()}
-               for r in recalls}
+    margins = margins_by_recall(layer_scores, model.checkpoint_layers[:-1], k, recalls)
 
     frontier = pruning_frontier(layer_scores, margins, k)
     chosen = cheapest_setting(frontier, min_overlap) or {"checkpoints": [], "margins": {}, "speedup": 1.0}

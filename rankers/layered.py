@@ -23,6 +23,8 @@ class LayeredReranker(CrossEncoderReranker):
 
     def __init__(self, model: LayeredCrossEncoder, tokenizer, config: dict, device: str, dtype: torch.dtype):
         super().__init__(tokenizer, config.get("max_length", 256))
+        self.config = config
+        self.fingerprint = model.fingerprint()  # before the cast: exit heads are matched to these weights
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.heads.float()  # heads are tiny and read float32 features: no precision lost there
         self.device, self.dtype = device, dtype

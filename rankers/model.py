@@ -8,6 +8,7 @@ pruning needs; at the last layer they start from the bi-encoder's own similarity
 from __future__ import annotations
 
 import torch
+import xxhash
 from torch import nn
 from torch.nn import functional as F
 
@@ -22,14 +23,27 @@ class ScoreHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, query_mask: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):  # float32 in training, calibration and serving
-            return self._score(hidden.float(), query_mask, passage_mask)
+            return self.from_features(*pair_features(hidden, query_mask, passage_mask))
 
-    def _score(self, hidden: torch.Tensor, query_mask: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+    def from_features(self, cls: torch.Tensor, query: torch.Tensor, passage: torch.Tensor,
+                      maxsim: torch.Tensor) -> torch.Tensor:
+        """The score from pair_features' output: label-free training caches those once per checkpoint
+        layer, so that fitting a head never runs the model again."""
+        qn, pn = F.normalize(query, dim=-1), F.normalize(passage, dim=-1)
+        cosine = (qn * pn).sum(-1)
+        features = torch.cat([cls, qn * pn, (qn - pn).abs()], dim=-1)
+        similarity = torch.stack([cosine, maxsim], -1) @ self.similarity_weights
+        return similarity + self.mlp(features).squeeze(-1) + self.bias
+
+
+def pair_features(hidden: torch.Tensor, query_mask: torch.Tensor, passage_mask: torch.Tensor):
+    """What a ScoreHead reads of one layer's hidden states, in float32: ([CLS], mean query token, mean
+    passage token, MaxSim of query over passage tokens), each [B, hidden] but MaxSim [B]."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        hidden = hidden.float()
         # Every product below is a batched matmul over what it needs, with no [B, T, D] temporaries: the
         # head runs on every survivor at every checkpoint, so its cost is pruning's overhead.
         q, p = _masked_mean(hidden, query_mask), _masked_mean(hidden, passage_mask)
-        qn, pn = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
-        cosine = (qn * pn).sum(-1)
         # the query leads every row ([CLS] query [SEP] passage [SEP]): only its rows of the token
         # cosine matrix are needed, [B, query width, T] instead of [B, T, T]
         width = int(query_mask.any(0).nonzero().max()) + 1 if query_mask.any() else 1
@@ -38,14 +52,30 @@ class ScoreHead(nn.Module):
         pairwise = pairwise.masked_fill(~passage_mask[:, None, :], -1.0)
         query_rows = query_mask[:, :width]
         maxsim = (pairwise.max(-1).values * query_rows).sum(-1) / query_rows.sum(-1).clamp(min=1)
-        features = torch.cat([hidden[:, 0], qn * pn, (qn - pn).abs()], dim=-1)
-        similarity = torch.stack([cosine, maxsim], -1) @ self.similarity_weights
-        return similarity + self.mlp(features).squeeze(-1) + self.bias
+        return hidden[:, 0], q, p, maxsim
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(hidden.dtype)
     return (weights[:, None] @ hidden).squeeze(1) / weights.sum(1, keepdim=True).clamp(min=1)
+
+
+def weights_fingerprint(named_tensors) -> str:
+    """xxh3 over every weight, in name order: heads fitted to one model's layers mean nothing on another's."""
+    digest = xxhash.xxh3_64()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def segment_masks(batch: dict, special_ids, separator: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and passage token masks without special tokens: the query is what precedes the first
+    separator ([CLS] q [SEP] p [SEP] in BERT, <s> q </s></s> p </s> in RoBERTa), so token types are not needed."""
+    ids, attention = batch["input_ids"], batch["attention_mask"].bool()
+    content = attention & ~torch.isin(ids, torch.tensor(list(special_ids), device=ids.device))
+    after_separator = (ids == separator).cumsum(1) > 0
+    return content & ~after_separator, content & after_separator
 
 
 class LayeredCrossEncoder(nn.Module):
@@ -58,12 +88,14 @@ class LayeredCrossEncoder(nn.Module):
         self.checkpoint_layers = tuple(sorted(checkpoint_layers))
         self.heads = nn.ModuleDict({str(l): ScoreHead(bert.config.hidden_size) for l in self.checkpoint_layers})
 
-    @staticmethod
-    def segment_masks(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query and passage token masks without [CLS] and [SEP] (token_type 0 is the query)."""
-        ids, types, attention = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"].bool()
-        content = attention & (ids != 101) & (ids != 102)  # BERT's [CLS], [SEP]
-        return content & (types == 0), content & (types == 1)
+    def segment_masks(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return segment_masks(batch, special_ids=(101, 102), separator=102)  # BERT's [CLS], [SEP]
+
+    def fingerprint(self) -> str:
+        """The weights exit heads read and reproduce: the encoder and the last layer's head, not the early heads."""
+        last = f"heads.{self.num_layers}."
+        return weights_fingerprint((name, t) for name, t in self.state_dict().items()
+                                   if not name.startswith("heads.") or name.startswith(last))
 
     def additive_mask(self, attention: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (1.0 - attention[:, None, None, :].to(dtype)) * torch.finfo(dtype).min

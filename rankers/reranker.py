@@ -1,7 +1,8 @@
 """Rerankers by name, and their scores fused with the first stage's: what the service calls.
 
 A name is "" (or a default alias) for Sieve's shipped layered reranker, a folder holding a Sieve
-artifact, or any Hugging Face cross-encoder (see artifact.py, layered.py, external.py).
+artifact, or any Hugging Face cross-encoder (see artifact.py, layered.py, external.py), optionally with
+exit heads trained for it (exit_heads.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from sieve.index.errors import InvalidArgument
 
 from .artifact import ARTIFACT, is_artifact, load_artifact
 from .base import Reranker, RerankResult
-from .external import ExternalReranker
+from .exit_heads import attach_heads
+from .external import load_cross_encoder
+from .layered import LayeredReranker
 
 
 def choose_device(device: str | None) -> str:
@@ -32,10 +35,18 @@ def choose_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 @loaded_once(maxsize=4)
-def load_reranker(name_or_path: str = "", dtype: str = "auto", device: str | None = None) -> Reranker:
+def load_reranker(name_or_path: str = "", dtype: str = "auto", device: str | None = None, heads: str = "",
+                  heads_version: str = "") -> Reranker:
     """"" (or a default alias): the shipped artifact over the packaged MiniLM. A folder holding a Sieve
     artifact (config.json with checkpoint_layers, weights.safetensors): that artifact. Anything else:
-    a Hugging Face cross-encoder by name or path (no early pruning)."""
+    a Hugging Face cross-encoder by name or path. `heads`: a folder of exit heads trained for that model
+    (exit_heads.py), laid over it; `heads_version` only keys the cache, so retrained heads are reloaded."""
+    reranker = open_reranker(name_or_path, dtype, device)
+    return with_exit_heads(reranker, Path(heads)) if heads else reranker
+
+
+def open_reranker(name_or_path: str = "", dtype: str = "auto", device: str | None = None) -> Reranker:
+    """A fresh load (load_reranker caches; training exit heads changes the model it is given)."""
     device = choose_device(device)
     torch_dtype = choose_dtype(dtype, device)
     if name_or_path in DEFAULT_ENCODER_ALIASES:
@@ -43,7 +54,17 @@ def load_reranker(name_or_path: str = "", dtype: str = "auto", device: str | Non
     path = Path(name_or_path).expanduser()
     if is_artifact(path):
         return load_artifact(path, device, torch_dtype)
-    return ExternalReranker(str(path) if path.exists() else name_or_path, device, torch_dtype)
+    return load_cross_encoder(str(path) if path.exists() else name_or_path, device, torch_dtype)
+
+
+def with_exit_heads(reranker: Reranker, folder: Path) -> LayeredReranker:
+    """The reranker with the early heads in `folder` instead of its own, and their calibrated pruning."""
+    if not isinstance(reranker, LayeredReranker):
+        raise InvalidArgument("exit heads need a BERT-family cross-encoder, run layer by layer")
+    config = attach_heads(reranker.model, folder, reranker.fingerprint)
+    calibrated = {key: config[key] for key in ("default_checkpoints", "margins", "margins_by_recall")}
+    return LayeredReranker(reranker.model, reranker.tokenizer, {**reranker.config, **calibrated},
+                           reranker.device, reranker.dtype)
 
 
 def fuse_with_first_stage(result: RerankResult, first_stage_scores: list[float], weight: float) -> list[tuple[int, float]]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from sieve.index.beir import cache_dir, load_beir, passage_text
 
 from .artifact import base_model, load_artifact, save_artifact
 from .calibration import calibrate, split_train_queries
+from .exit_heads import pick_sentence
 from .first_stage import SCIFACT_DIR as SCIFACT, FirstStage
 
 
@@ -86,10 +86,9 @@ def build_groups(first_stage: FirstStage, corpus: dict, queries: dict, qrels: di
 
     sentence_rows = []
     for doc in rng.sample(ids, min(sentences, len(ids))):
-        parts = re.split(r"(?<=[.!?])\s+", corpus[doc]["text"])
-        usable = [i for i, s in enumerate(parts) if 8 <= len(s.split()) <= 40]
-        if len(parts) >= 3 and usable:
-            i = rng.choice(usable)
+        picked = pick_sentence(corpus[doc]["text"], rng)
+        if picked:
+            parts, i = picked
             rest = {"title": corpus[doc]["title"], "text": " ".join(parts[:i] + parts[i + 1:])}
             sentence_rows.append((doc, parts[i], passage_text(rest)))
     for (doc, query, rest), cands in zip(sentence_rows, first_stage.search([s[1] for s in sentence_rows], 50)):

@@ -289,6 +289,10 @@ def cmd_pruned(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.part == "exit-heads":
+        return train_exit_heads(args)
+    if not args.data or not args.out:
+        raise SystemExit(f"sieve train {args.part}: --data (a BEIR folder) and --out are required")
     trainers = {
         "quality": ("sieve.index.quality", "train_quality"),
         "term-weights": ("sieve.index.term_weights", "train_term_weights"),
@@ -299,6 +303,24 @@ def cmd_train(args) -> int:
     module, function = trainers[args.part]
     train = getattr(importlib.import_module(module), function)
     train(args.data, args.out)
+    return 0
+
+
+def train_exit_heads(args) -> int:
+    """Label-free early-exit heads for a collection's reranker, through the engine (read-only: the heads are a
+    side record beside the index, like `evaluate`'s); a running server picks them up at its next rerank."""
+    from .config import ServerConfig
+    from .sync_engine import SyncEngine
+
+    if not args.collection:
+        raise SystemExit("sieve train exit-heads: --collection is required")
+    with SyncEngine(ServerConfig(data=args.data or os.environ.get("SIEVE_DATA", "./sieve-data"), read_only=True)) as engine:
+        config = engine.train_exit_heads(args.collection, args.reranker, args.pseudo_queries, args.depth)
+    chosen, training = config["pruning"], config["training"]
+    print(f"exit heads for {args.collection!r} ({config['reranker'] or 'shipped reranker'}): layers "
+          f"{config['early_layers']}, default checkpoints {chosen['checkpoints']} (held-out top-10 agreement "
+          f"{chosen.get('top10_overlap', 1.0)}, simulated speedup {chosen['speedup']}x); "
+          f"{training['pseudo_queries']} pseudo-queries, {training['observe_seconds'] + training['fit_seconds']:.0f} s")
     return 0
 
 
@@ -445,10 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     pruned.add_argument("--reinstate", nargs="+", metavar="ID", help="index these pruned passages after all")
     pruned.set_defaults(run=cmd_pruned)
 
-    train = command("train", "train a shipped artifact from a BEIR folder's train split")
-    train.add_argument("part", choices=["quality", "term-weights", "reranker"], help="which artifact")
-    train.add_argument("--data", required=True, help="BEIR folder with qrels/train.tsv")
-    train.add_argument("--out", required=True, help="output folder for the artifact")
+    train = command("train", "train a shipped artifact from a BEIR folder's train split, or a collection's "
+                             "exit heads without labels")
+    train.add_argument("part", choices=["quality", "term-weights", "reranker", "exit-heads"], help="which artifact")
+    train.add_argument("--data", help="BEIR folder with qrels/train.tsv; for exit-heads the data directory "
+                                      "(default: SIEVE_DATA, else ./sieve-data)")
+    train.add_argument("--out", help="output folder for the artifact (not for exit-heads: stored with the collection)")
+    train.add_argument("--collection", help="exit-heads: the collection whose passages and first stage train them")
+    train.add_argument("--reranker", help="exit-heads: the collection's reranker (checked; default: its setting)")
+    train.add_argument("--pseudo-queries", type=int, default=200, help="exit-heads: pseudo-queries made from passages")
+    train.add_argument("--depth", type=int, default=20, help="exit-heads: first-stage candidates per pseudo-query")
     train.set_defaults(run=cmd_train)
 
     evaluate = command("evaluate", "measure reranking on judged queries; sets the collection's default")

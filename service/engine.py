@@ -29,7 +29,8 @@ from sieve.index.bulk import check_job, fetch_job, is_url, remove_job
 from sieve.index.catalog import Catalog
 from sieve.index.collection import FUSION_DEPTH, Collection, Health, SearchHit, UpsertResult
 from sieve.index.documents import Document
-from sieve.index.errors import AlreadyExists, InvalidArgument, ReadOnly, ResourceExhausted, SieveError, Unavailable
+from sieve.index.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, ReadOnly, ResourceExhausted,
+                                SieveError, Unavailable)
 from sieve.index.fusion import check_fusion
 from sieve.index.repair import RepairReport
 from sieve.index.settings import CollectionSettings
@@ -165,6 +166,36 @@ def rerank_default(collection: Collection) -> tuple[bool, str]:
         return False, f"off: {problem}; run `sieve evaluate` again"
 
 
+def heads_version(folder: Path | None) -> str:
+    """What identifies one training of exit heads (its config's mtime), or "" where there are none."""
+    try:
+        return str((folder / "config.json").stat().st_mtime_ns) if folder is not None else ""
+    except OSError:
+        return ""
+
+
+def pruning_status(collection: Collection) -> str:
+    """Whether this collection's reranks can prune early, and with what heads (reads a small file, no model)."""
+    from sieve.index.encoders import DEFAULT_ENCODER_ALIASES
+    from sieve.rankers.artifact import is_artifact
+    from sieve.rankers.exit_heads import read_heads_config
+
+    name = collection.settings.reranker
+    if heads_version(collection.exit_heads):
+        try:
+            config = read_heads_config(collection.exit_heads)
+            training, chosen = config["training"], config["pruning"]
+            return (f"exit heads trained without labels for {config['reranker'] or 'the shipped reranker'!r} on "
+                    f"{training['trained_at']} from {training['pseudo_queries']} pseudo-queries: default checkpoints "
+                    f"{chosen['checkpoints']}, held-out top-10 agreement {chosen.get('top10_overlap', 1.0)}")
+        except (KeyError, TypeError, InvalidArgument) as error:
+            return f"off: the exit heads in {collection.exit_heads} cannot be used ({error}); train them again"
+    if name in DEFAULT_ENCODER_ALIASES or is_artifact(Path(name).expanduser()):
+        return "the Sieve reranker's own heads (deep-supervised)"
+    return (f"off: {name!r} has a score head only at its last layer, so it reranks unpruned; "
+            f"`sieve train exit-heads --collection {collection.name}` trains early heads without labels")
+
+
 class BaseEngine(ABC):
     """What every engine serves, and the steps they share. `Engine` runs the pipeline over the collections
     of one data directory; `Router` (service/router.py) over the shards of sharded collections, which are
@@ -175,6 +206,7 @@ class BaseEngine(ABC):
         self.batcher = MicroBatcher(config.max_encode_batch, config.batch_wait_ms)
         self.searches = asyncio.Semaphore(config.max_concurrent_searches)
         self.queued_rerank_pairs = 0
+        self.unusable_heads: dict[tuple[str, str], str] = {}  # (reranker, heads version) -> why: not retried
         self.redis = None
 
     @abstractmethod
@@ -293,7 +325,8 @@ class BaseEngine(ABC):
         if first_stage is not None and len(first_stage) != len(passages):
             raise InvalidArgument(f"{len(first_stage)} first-stage scores for {len(passages)} passages")
         k = min(k or len(passages), len(passages))
-        return await self._rerank(settings.reranker, text, passages, k, options.pruning(settings), first_stage)
+        return await self._rerank(settings.reranker, text, passages, k, options.pruning(settings), first_stage,
+                                  self.exit_heads(collection) if collection else None)
 
     async def _rerank_hits(self, result: SearchResult, settings: CollectionSettings, query: SearchQuery,
                            k: int) -> None:
@@ -302,15 +335,20 @@ class BaseEngine(ABC):
         start = time.perf_counter()
         hits = result.hits
         reranked = await self._rerank(settings.reranker, query.text, [h.document.content for h in hits], k,
-                                      query.rerank.pruning(settings), first_stage=[h.score for h in hits])
+                                      query.rerank.pruning(settings), [h.score for h in hits],
+                                      self.exit_heads(query.collection))
         result.hits = [dataclasses.replace(hits[i], score=score) for i, score in reranked.ranked]
         result.timings_ms["rerank"] = (time.perf_counter() - start) * 1000
         result.survivors = reranked.survivors
 
+    def exit_heads(self, collection: str) -> Path | None:
+        """The folder of exit heads trained for a collection's reranker, if it has one."""
+        return None
+
     async def _rerank(self, model: str, text: str, passages: list[str], k: int, pruning,
-                      first_stage: list[float] | None = None) -> RerankResult:
+                      first_stage: list[float] | None = None, heads: Path | None = None) -> RerankResult:
         """Through the batcher, so that concurrent requests share forward passes; refused at once when the
-        queue of pairs is full (one request always runs)."""
+        queue of pairs is full (one request always runs). With `heads`, the reranker prunes at them."""
         from sieve.rankers import fuse_with_first_stage, load_reranker
 
         queued = self.queued_rerank_pairs
@@ -320,8 +358,20 @@ class BaseEngine(ABC):
                                     f"{self.config.max_queued_rerank_pairs}); retry later or send fewer candidates")
         self.queued_rerank_pairs += len(passages)
         try:
-            reranker = await asyncio.to_thread(load_reranker, model)
-            result = await self.batcher.submit(("rerank", model), reranker.rerank_many, (text, passages, k, pruning))
+            version = heads_version(heads)
+            if (model, version) in self.unusable_heads:
+                version = ""
+            try:
+                reranker = await asyncio.to_thread(load_reranker, model, heads=str(heads) if version else "",
+                                                   heads_version=version)
+            except (FailedPrecondition, InvalidArgument) as error:
+                if not version:
+                    raise
+                log.warning("exit heads in %s are not used, %s reranks unpruned: %s", heads, model or "", error)
+                self.unusable_heads[(model, version)] = str(error)
+                reranker, version = await asyncio.to_thread(load_reranker, model), ""
+            result = await self.batcher.submit(("rerank", model, version), reranker.rerank_many,
+                                               (text, passages, k, pruning))
         finally:
             self.queued_rerank_pairs -= len(passages)
         checkpoints = [0, *(pruning.checkpoints or reranker.default_checkpoints)]
@@ -575,6 +625,44 @@ class Engine(BaseEngine):
         await self._record(target)
         return result
 
+    def exit_heads(self, collection: str) -> Path | None:
+        return self.collection(collection).exit_heads
+
+    async def train_exit_heads(self, collection: str, reranker: str | None = None, pseudo_queries: int = 200,
+                               depth: int = 20, min_overlap: float = 0.98, seed: int = 13) -> dict:
+        """Early-exit heads for the collection's reranker without labels (rankers/exit_heads.py): pseudo-queries
+        from its own passages, candidates from its own first stage, the frozen reranker distilled into a
+        head per layer, margins calibrated on held-out pseudo-queries. Stored with the collection, used by
+        its reranks from then on. Returns the heads' config (their calibration and training record)."""
+        import random
+
+        from sieve.rankers.exit_heads import pseudo_queries as make_queries, save_heads, train_exit_heads
+        from sieve.rankers.reranker import open_reranker
+
+        target = self.collection(collection)
+        name = target.settings.reranker if reranker is None else reranker
+        if name != target.settings.reranker:
+            raise FailedPrecondition(f"collection {collection!r} reranks with {target.settings.reranker!r}; heads "
+                                     f"for {name!r} would never be used")
+        if not 8 <= pseudo_queries <= 100_000 or not 11 <= depth <= self.config.max_rerank_passages:
+            raise InvalidArgument(f"pseudo_queries must be within 8..100000 and depth within "
+                                  f"11..{self.config.max_rerank_passages} (margins sit around the 10th best)")
+        ids = sorted(target.snapshot.id_map)
+        sample = random.Random(seed).sample(ids, min(len(ids), 3 * pseudo_queries))
+        documents, _, _ = await asyncio.to_thread(target.get_many, sample)
+        requests = []
+        for text, _ in make_queries(documents, pseudo_queries, seed):
+            hits = (await self.search(SearchQuery(collection, text[:self.config.max_query_chars], k=depth,
+                                                  rerank=RerankOptions(enabled=False)))).hits
+            if len(hits) > 10:
+                requests.append((text, [h.document.content for h in hits]))
+        model = await asyncio.to_thread(open_reranker, name)
+        config = await asyncio.to_thread(train_exit_heads, model, requests, min_overlap=min_overlap)
+        config = {"reranker": name, "collection": collection, "depth": depth, **config}
+        await asyncio.to_thread(save_heads, model.model, target.exit_heads, config)
+        log.info("trained exit heads for collection %s (%s): %s", collection, name or "shipped", config["pruning"])
+        return config
+
     async def record_evaluation(self, collection: str, figures: dict) -> None:
         await asyncio.to_thread(self.collection(collection).record_evaluation, figures)
 
@@ -583,7 +671,7 @@ class Engine(BaseEngine):
         stats = collection.stats()
         metrics.record_collection(collection.name, stats)
         on, why = rerank_default(collection)
-        stats["details"]["rerank"] = {"default": on, "reason": why}
+        stats["details"]["rerank"] = {"default": on, "reason": why, "pruning": pruning_status(collection)}
         stats["details"]["housekeeping_failures"] = collection.health.housekeeping_failures
         return CollectionInfo(collection.name, collection.settings.to_dict(), stats, collection.health,
                               collection.health.state)

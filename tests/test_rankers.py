@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,20 +137,111 @@ def test_checkpoint_outside_the_model_is_refused(reranker, passages):
         reranker.rerank(QUERY, passages, 3, PruningOptions(margins={9: 1.0}))
 
 
-def test_external_cross_encoder_refuses_early_pruning(tmp_path, passages):
+@pytest.fixture(scope="module")
+def hub_cross_encoder(tmp_path_factory) -> str:
+    """A plain Hugging Face cross-encoder folder (BERT weights, a linear head on the pooled [CLS]), as a
+    user would bring one; its head is untrained, which changes nothing about how it must be run."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from sieve.index.encoders import resolve_encoder
 
-    base = resolve_encoder("")
-    BertForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path)
-    external = load_reranker(str(tmp_path), dtype="float32")
+    folder = tmp_path_factory.mktemp("hub-cross-encoder")
+    torch.manual_seed(3)
+    BertForSequenceClassification.from_pretrained(resolve_encoder(""), num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_encoder("")).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_hub_cross_encoder_runs_layer_by_layer_to_its_own_scores(hub_cross_encoder, passages):
+    from transformers import AutoModelForSequenceClassification
+
+    external = load_reranker(hub_cross_encoder, dtype="float32")
     assert external.checkpoint_layers == (external.num_layers,) == (6,)
-    with pytest.raises(InvalidArgument, match="only at its last layer"):
-        external.rerank(QUERY, passages[:8], 3, PruningOptions())
     result = external.rerank(QUERY, passages[:8], 3, PruningOptions(prune=False))
-    assert sorted(result.order) == list(range(8)) and result.survivors == [8]
+    plain = AutoModelForSequenceClassification.from_pretrained(hub_cross_encoder).eval()
+    with torch.inference_mode():
+        logits = plain(**external.encode(QUERY, passages[:8])).logits[:, 0]
+    assert result.order == torch.argsort(logits, descending=True, stable=True).tolist()[:len(result.order)]
+    assert result.scores == pytest.approx(sorted(logits.tolist(), reverse=True), abs=1e-4)
+    # pruning is every request's default: without early heads it reranks unpruned instead of failing
+    assert external.rerank(QUERY, passages[:8], 3, PruningOptions()).survivors == [8]
+    with pytest.raises(InvalidArgument, match="only at its last layer.*sieve train exit-heads"):
+        external.rerank(QUERY, passages[:8], 3, PruningOptions(checkpoints=(2,)))
+
+
+def short_requests(passages: list[str], count: int) -> list[tuple[str, list[str]]]:
+    """Pseudo-queries over short passages (first sentences): the frozen model runs fast on them."""
+    from sieve.index.documents import Document
+    from sieve.rankers.exit_heads import pseudo_queries
+
+    with open(SCIFACT_DIR / "corpus.jsonl") as f:
+        rows = [json.loads(line) for line in itertools.islice(f, 200)]
+    docs = [Document(r["_id"], r["text"], r["title"]) for r in rows]
+    snippets = [r["text"][:200] for r in rows]
+    queries = pseudo_queries(docs, count)
+    return [(text, snippets[i % 150:i % 150 + 16]) for i, (text, _) in enumerate(queries)]
+
+
+@pytest.fixture(scope="module")
+def trained_heads(hub_cross_encoder, passages, tmp_path_factory):
+    from sieve.rankers.exit_heads import save_heads, train_exit_heads
+    from sieve.rankers.reranker import open_reranker
+
+    fresh = open_reranker(hub_cross_encoder, dtype="float32")
+    config = train_exit_heads(fresh, short_requests(passages, 24), epochs=30)
+    folder = tmp_path_factory.mktemp("heads") / "exit_heads"
+    save_heads(fresh.model, folder, {"reranker": hub_cross_encoder, **config})
+    return folder, config
+
+
+def test_exit_heads_trained_without_labels_let_a_hub_cross_encoder_prune(hub_cross_encoder, trained_heads, passages):
+    from sieve.rankers.exit_heads import heads_size
+
+    folder, config = trained_heads
+    assert config["early_layers"] == [1, 2, 3, 4, 5] and config["training"]["pseudo_queries"] == 24
+    assert set(config["margins_by_recall"]["0.99"]) == {"1", "2", "3", "4", "5"}
+    assert heads_size(folder) < 2_000_000  # five small heads, not a copy of the model
+    headed = load_reranker(hub_cross_encoder, "float32", None, str(folder), "v1")
+    plain = load_reranker(hub_cross_encoder, dtype="float32")
+    assert headed.checkpoint_layers == (1, 2, 3, 4, 5, 6) and plain.checkpoint_layers == (6,)
+    unpruned = headed.rerank(QUERY, passages, 5, PruningOptions(prune=False))
+    assert unpruned.order == plain.rerank(QUERY, passages, 5, PruningOptions(prune=False)).order
+    before = list(headed.rows_processed)
+    pruned = headed.rerank(QUERY, passages, 5, PruningOptions(checkpoints=(2,), margin=0.0, safety=2))
+    assert pruned.survivors[1] < len(passages)
+    assert headed.rows_processed[6] - before[6] == pruned.survivors[1]  # later layers ran on survivors only
+    # the heads learned the final ranking: at layer 5 their top 5 holds most of the final top 5
+    from sieve.rankers.exit_heads import layer_scores, observe
+
+    seen = observe(headed.model, headed.tokenizer, [(QUERY, passages)], (5,), headed.max_length)
+    scores = layer_scores(headed.model, seen)[0]
+    top = lambda row: set(np.argsort(-row)[:5].tolist())  # noqa: E731
+    assert len(top(scores[4]) & top(scores[5])) >= 3
+
+
+def test_exit_heads_refuse_other_weights(trained_heads):
+    from sieve.index.errors import FailedPrecondition
+    from sieve.rankers.reranker import with_exit_heads
+
+    folder, _ = trained_heads
+    with pytest.raises(FailedPrecondition, match="trained for .* retrain them"):
+        with_exit_heads(load_reranker("", dtype="float32"), folder)  # the shipped model is other weights
+
+
+def test_distillation_loss_is_lowest_for_the_final_ranking():
+    from sieve.rankers.exit_heads import distillation_loss
+
+    from sieve.rankers.exit_heads import standardised
+
+    final = torch.tensor([[3.0, 1.0, 0.5, -1.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    best = standardised(final, mask)
+    assert distillation_loss(best, final, mask) < 1e-6
+    assert distillation_loss(best, final * 0.01, mask) < 1e-6  # the final scores' scale does not matter
+    assert distillation_loss(best.flip(-1), final, mask) > distillation_loss(best * 0.5, final, mask) > 0
+    padded = torch.tensor([[3.0, 1.0, 0.5, -1.0, 7.0]])  # a padded entry changes nothing
+    assert distillation_loss(torch.cat([best, torch.zeros(1, 1)], 1), padded,
+                             torch.tensor([[True] * 4 + [False]])) < 1e-6
 
 
 def test_shipped_reranker_beats_bm25_on_held_out_claims(reranker):
