@@ -84,8 +84,9 @@ def pruning_frontier(layer_scores: list, margins_by_recall: dict, k: int = 10,
 
 
 def cheapest_setting(frontier: list[dict], min_overlap: float) -> dict | None:
-    """The fastest frontier setting whose dev top-k overlap is at least `min_overlap` (None: none is)."""
-    safe = [s for s in frontier if s["top10_overlap"] >= min_overlap]
+    """The fastest frontier setting whose dev top-k overlap is at least `min_overlap` (None: none is, or none
+    is faster than not pruning: with so few candidates that k + safety keeps nearly all, heads only cost)."""
+    safe = [s for s in frontier if s["top10_overlap"] >= min_overlap and s["speedup"] > 1]
     return max(safe, key=lambda s: s["speedup"]) if safe else None
 
 

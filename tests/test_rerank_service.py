@@ -97,3 +97,52 @@ def test_evaluate_measures_and_sets_the_default(server, client, adi):
     assert details["default"] == ("reranking is ON" in run.stdout)
     plain = client.search("adi", adi[5].title, k=3)
     assert ("rerank" in plain.timings_ms) == details["default"]
+
+
+def test_a_hub_cross_encoder_gets_early_pruning_from_exit_heads_trained_without_labels(tmp_path):
+    """A collection reranking with a plain Hugging Face cross-encoder: unpruned, saying why, until
+    `sieve train exit-heads` fits heads to its own passages and first stage; then its reranks prune, and a
+    snapshot carries the heads."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from sieve.index.encoders import resolve_encoder
+    from sieve.service.client import SieveClient
+    from sieve.service.process import ServerProcess
+
+    model = tmp_path / "models" / "hub-cross-encoder"
+    torch.manual_seed(3)
+    BertForSequenceClassification.from_pretrained(resolve_encoder(""), num_labels=1).save_pretrained(model)
+    AutoTokenizer.from_pretrained(resolve_encoder("")).save_pretrained(model)
+    server = ServerProcess(tmp_path / "data", {"SIEVE_MODEL_ROOTS": str(model.parent)}).start()
+    try:
+        with SieveClient(server.target) as client:
+            docs = corpus("adi")
+            client.create_collection("hub", {"indexes": ["bm25"], "reranker": str(model), "quality_estimator": "none"})
+            client.upsert("hub", [docs])
+            pruning = client.describe("hub").stats.details["rerank"]["pruning"]
+            assert pruning.startswith("off:") and "sieve train exit-heads --collection hub" in pruning
+            passages = [(d.id, d.content) for d in docs[:30]]
+            assert list(client.rerank(docs[4].title, passages, k=5, collection="hub").survivors) == [30]
+            code, message = code_of(lambda: client.rerank(docs[4].title, passages, k=5, collection="hub",
+                                                          options=pb.RerankOptions(checkpoints=[2])))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "only at its last layer" in message
+
+            run = subprocess.run([sys.executable, "-m", "sieve.service.cli", "train", "exit-heads", "--data",
+                                  str(server.data), "--collection", "hub", "--pseudo-queries", "16", "--depth", "15"],
+                                 capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stderr
+            assert "exit heads for 'hub'" in run.stdout and "pseudo-queries" in run.stdout
+            assert "exit heads trained without labels" in client.describe("hub").stats.details["rerank"]["pruning"]
+            pruned = client.rerank(docs[4].title, passages, k=5, collection="hub",
+                                   options=pb.RerankOptions(checkpoints=[2], margins={2: 0.0}))
+            assert list(pruned.survivors)[0] == 30 and list(pruned.survivors)[1] < 30
+            full = client.rerank(docs[4].title, passages, k=5, collection="hub", options=pb.RerankOptions(prune=False))
+            assert list(full.survivors) == [30]
+            snapshot = client.snapshot("hub")
+            assert (server.data / snapshot.path / "exit_heads" / "config.json").is_file()
+    finally:
+        server.stop()
