@@ -7,6 +7,7 @@ sentence_transformers.CrossEncoder.predict over the same BERT weights (latency o
 head is not ours). Zero-shot: Cranfield, CISI, Medline top-20, reranked pipeline vs first stage.
 
     python -m bench.rerank --threads 2            # writes bench/results/rerank.{json,md,png}
+    python -m bench.rerank --exit-heads scifact:300:60,cranfield:100,cisi:76,medline:30   # rerank_exit_heads.*
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sieve.rankers import PruningOptions, fuse_with_first_stage, load_reranker
+from sieve.rankers import NO_PRUNING, PruningOptions, fuse_with_first_stage, load_reranker
 from sieve.rankers.reranker import ARTIFACT
 from sieve.index.beir import DATASETS, cache_dir, load_beir, passage_text
 from sieve.rankers.first_stage import FirstStage
@@ -105,9 +106,10 @@ def rerank_depth(reranker, settings, peer, corpus, queries, qrels, qids, candida
     for n, (q, cands) in enumerate(tqdm(list(zip(qids, candidates)), desc=f"top-{depth}", mininterval=10)):
         ids = cands.ids[:depth]
         passages = [passage_text(corpus[d]) for d in ids]
-        for name, options in settings.items():
+        for name, setting in settings.items():  # options for `reranker`, or (another reranker, options)
+            model, options = setting if isinstance(setting, tuple) else (reranker, setting)
             started = time.perf_counter()
-            result = reranker.rerank(queries[q], passages, 10, options)
+            result = model.rerank(queries[q], passages, 10, options)
             seconds[name] += time.perf_counter() - started
             runs[name][q] = [(ids[i], s) for i, s in zip(result.order, result.scores)]
             fused[name][q] = [(ids[i], s) for i, s in fuse_with_first_stage(result, cands.rrf[:depth].tolist(), weight)]
@@ -184,8 +186,19 @@ def main() -> None:
     parser.add_argument("--grpc-requests", type=int, default=24, help="requests per gRPC load setting")
     parser.add_argument("--reranker", default="", help="artifact folder or model name (default: the shipped one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--exit-heads", default="", metavar="DATASET:QUERIES,...",
+                        help="only the label-free exit heads section, on these datasets and test query counts, "
+                             "a third number for top-100 queries with the pre-ranker (e.g. scifact:300:60,"
+                             "cranfield:100,cisi:76,medline:30); writes rerank_exit_heads.*")
+    parser.add_argument("--exit-heads-depth", type=int, default=30, help="candidates per query there")
+    parser.add_argument("--pseudo-queries", type=int, default=200, help="pseudo-queries the heads train on")
+    parser.add_argument("--gate-queries", type=int, default=60, help="pseudo-queries of the label-free gate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.exit_heads:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return exit_heads_report(args.exit_heads, args.exit_heads_depth, args.pseudo_queries, args.gate_queries,
+                                 args.out)
     reranker = load_reranker(args.reranker)
     settings = pruning_settings(json.loads((Path(args.reranker or ARTIFACT) / "config.json").read_text()))
     weight = reranker.fusion_weight if reranker.fusion_weight is not None else 0.5
@@ -328,6 +341,179 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xlabel("rerank latency per query, ms (log)")
     ax.set_ylabel("pipeline nDCG@10 (SciFact test)")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# Label-free exit heads --------------------------------------------------------------------------------------
+def exit_heads_section(name: str, limit: int, deep_limit: int, depth: int, pseudo: int, gate_queries: int) -> dict:
+    """Sieve's reranker as "any cross-encoder": its early heads dropped, new ones trained label-free (with a
+    distilled pre-ranker) on the collection's own pseudo-queries and first stage, against its deep-supervised
+    heads, on the same test candidates. Timed (rerank_depth: interleaved per query): the unpruned model and
+    each head set's calibrated default, at `depth` on `limit` queries and, for `deep_limit` queries, at top
+    100 with the pre-ranker. Simulated (calibration's cost model, each head set's own calibrated margins,
+    scored on the test queries): the fastest setting of each at equal top-10 agreement. And the gates: the
+    judged-query decision (reranked pipeline beats the first stage) against a label-free one (pseudo-queries,
+    their source passage as the one relevant)."""
+    from sieve.index.documents import Document
+    from sieve.rankers.calibration import pruning_frontier, scaled_candidates
+    from sieve.rankers.exit_heads import heads_size, layer_scores, observe, pseudo_queries, save_heads, train_exit_heads
+    from sieve.rankers.pre_ranker import PreRankedReranker
+    from sieve.rankers.reranker import open_reranker, with_exit_heads
+
+    corpus, queries, qrels, qids, candidates, _ = first_stage_run(name, max(depth, 100 if deep_limit else 0))
+    stage = FirstStage(corpus, cache=cache_dir("reranker") / f"{name}_first_stage")
+    made = pseudo_queries([Document(d, corpus[d]["text"], corpus[d]["title"]) for d in corpus], pseudo + gate_queries)
+    train_queries, gate = made[:pseudo], made[pseudo:]
+
+    def requests(pairs):
+        found = stage.search([q for q, _ in pairs], depth)
+        return [(q, [passage_text(corpus[d]) for d in c.ids[:depth]]) for (q, _), c in zip(pairs, found)], found
+
+    deep = load_reranker("")
+    started = time.perf_counter()
+    fresh = open_reranker("")
+    config, pre = train_exit_heads(fresh, requests(train_queries)[0], pre_ranker=True)
+    seconds = time.perf_counter() - started
+    folder = Path(tempfile.mkdtemp(prefix="exit-heads-")) / "exit_heads"
+    save_heads(fresh.model, folder, {"reranker": "", **config}, pre)
+    loaded = with_exit_heads(open_reranker(""), folder)
+    label_free = loaded.main if isinstance(loaded, PreRankedReranker) else loaded
+    cut = config["pre_ranker"]["chosen"] or next(o for o in config["pre_ranker"]["options"] if o["recall"] == "0.995")
+    cascade = PreRankedReranker(label_free, pre, cut["margin"])
+    print(name, "label-free heads", config["pruning"], "pre-ranker", cut, f"{seconds:.0f} s", flush=True)
+
+    settings = {"full (no pruning)": NO_PRUNING, "deep-supervised default": PruningOptions(),
+                "label-free default": (label_free, PruningOptions()),
+                "label-free + pre-ranker": (cascade, PruningOptions())}
+    weight = deep.fusion_weight
+    section = {"queries": min(limit, len(qids)), "depth": depth,
+               f"top{depth}": rerank_depth(deep, settings, None, corpus, queries, qrels, qids, candidates, depth,
+                                           limit, weight, 0)}
+    if deep_limit:
+        section["top100"] = rerank_depth(deep, settings, None, corpus, queries, qrels, qids, candidates, 100,
+                                         deep_limit, weight, 0)
+
+    scores = {"deep": [], "label_free": []}
+    layers = tuple(range(1, deep.num_layers))
+    for q, cands in tqdm(list(zip(qids, candidates))[:limit], desc=f"{name} layer scores", mininterval=10):
+        passages = [passage_text(corpus[d]) for d in cands.ids[:depth]]
+        seen = observe(deep.model, deep.tokenizer, [(queries[q], passages)], layers, deep.max_length, deep.dtype)
+        scores["deep"] += layer_scores(deep.model, seen)
+        scores["label_free"] += layer_scores(label_free.model, seen)
+    deep_config = json.loads((ARTIFACT / "config.json").read_text())
+    frontiers = {"deep": pruning_frontier(scores["deep"], deep_config["margins_by_recall"]),
+                 "label_free": pruning_frontier(scores["label_free"], config["margins_by_recall"],
+                                                candidates=scaled_candidates(deep.num_layers))}
+    matched = {}
+    for agreement in (0.95, 0.98, 0.99):
+        best = {heads: max([s["speedup"] for s in frontier if s["top10_overlap"] >= agreement], default=1.0)
+                for heads, frontier in frontiers.items()}
+        matched[str(agreement)] = {**best, "ratio": round(best["label_free"] / best["deep"], 3)}
+
+    block = section[f"top{depth}"]
+    gate_requests, gate_found = requests(gate)
+    source = {f"g{i}": {doc: 1} for i, (_, doc) in enumerate(gate)}
+    pseudo_first, pseudo_reranked = {}, {}
+    for i, ((text, passages), found) in enumerate(zip(gate_requests, gate_found)):
+        ids, first = found.ids[:depth], found.rrf[:depth].tolist()
+        result = label_free.rerank(text, passages, 10, PruningOptions())
+        pseudo_first[f"g{i}"] = list(zip(ids, first))
+        pseudo_reranked[f"g{i}"] = [(ids[j], s) for j, s in fuse_with_first_stage(result, first, weight)]
+    judged = {"first_stage_ndcg10": block["first_stage_ndcg10_same_queries"],
+              "reranked_ndcg10": block["settings"]["full (no pruning)"]["ndcg10_pipeline"]}
+    free = {"queries": len(gate), "first_stage_ndcg10": ndcg(pseudo_first, source),
+            "reranked_ndcg10": ndcg(pseudo_reranked, source)}
+    for gate_figures in (judged, free):
+        gate_figures["on"] = gate_figures["reranked_ndcg10"] > gate_figures["first_stage_ndcg10"]
+    return {**section, "matched_agreement": matched, "frontiers": frontiers,
+            "gates": {"judged": judged, "label_free": free, "agree": judged["on"] == free["on"]},
+            "label_free_heads": {"training_seconds": round(seconds, 1), "bytes": heads_size(folder),
+                                 "default": config["pruning"], "pre_ranker": config["pre_ranker"],
+                                 "pre_ranker_cut_used": cut, "training": config["training"]}}
+
+
+def exit_heads_report(spec: str, depth: int, pseudo: int, gate_queries: int, out: Path) -> None:
+    """spec: dataset:queries[:top-100 queries],..."""
+    report = {"depth": depth, "pseudo_queries": pseudo, "threads": torch.get_num_threads(), "datasets": {}}
+    for item in spec.split(","):
+        name, limit, *deep = item.split(":")
+        report["datasets"][name] = exit_heads_section(name, int(limit), int(deep[0]) if deep else 0, depth, pseudo,
+                                                      gate_queries)
+        print(name, json.dumps({k: v for k, v in report["datasets"][name].items() if k != "frontiers"}, indent=1),
+              flush=True)
+        (out / "rerank_exit_heads.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "rerank_exit_heads.md").write_text(exit_heads_markdown(report))
+    exit_heads_plot(report, out / "rerank_exit_heads.png")
+    print(exit_heads_markdown(report))
+
+
+def exit_heads_markdown(report: dict) -> str:
+    lines = [f"# Label-free exit heads and a distilled pre-ranker on Sieve's reranker ({report['threads']} threads)", "",
+             "Timed, interleaved per query; nDCG@10 of the reranker alone and of the pipeline (fused with the "
+             "first stage); overlap: top-10 agreement with the unpruned model.", "",
+             "| dataset | candidates | queries | setting | nDCG@10 reranker | ratio to full | pipeline | top-10 overlap "
+             "| ms/query | speedup | survivors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, section in report["datasets"].items():
+        for depth, block in section.items():
+            if not depth.startswith("top"):
+                continue
+            for setting, row in block["settings"].items():
+                lines.append(f"| {name} | {depth} | {block['queries']} | {setting} | {row['ndcg10_reranker']:.3f} | "
+                             f"{row['ndcg_ratio']:.3f} | {row['ndcg10_pipeline']:.3f} | {row['top10_overlap']:.3f} | "
+                             f"{row['ms_per_query']:.0f} | {row['speedup']:.2f} | {row['mean_survivors']} |")
+    lines += ["", "Simulated speedup (rows run, heads at 3% of a layer) of the fastest calibrated setting at equal "
+              f"top-10 agreement on the test queries (top {report['depth']}):", "",
+              "| dataset | agreement >= | deep-supervised | label-free | label-free / deep |", "|---|---|---|---|---|"]
+    for name, section in report["datasets"].items():
+        for agreement, row in section["matched_agreement"].items():
+            lines.append(f"| {name} | {agreement} | {row['deep']:.2f} | {row['label_free']:.2f} | {row['ratio']:.2f} |")
+    lines += ["", "Training (heads and pre-ranker), and the gates (reranked pipeline vs first stage):", "",
+              "| dataset | training s (pre-ranker s) | bytes | pre-ranker cut | judged gate (first / reranked) | "
+              "label-free gate (first / reranked) | agree |", "|---|---|---|---|---|---|---|"]
+    for name, section in report["datasets"].items():
+        heads, gates = section["label_free_heads"], section["gates"]
+        judged, free = gates["judged"], gates["label_free"]
+        chosen = heads["pre_ranker"]["chosen"]
+        cut = (f"margin {chosen['margin']:.2f} (held-out overlap {chosen['top10_overlap']})" if chosen else
+               f"none calibrated; measured at recall 0.995, margin {heads['pre_ranker_cut_used']['margin']:.2f}")
+        lines.append(f"| {name} | {heads['training_seconds']:.0f} ({heads['pre_ranker']['training']['seconds']:.0f}) | "
+                     f"{heads['bytes']:,} | {cut} | {'on' if judged['on'] else 'off'} "
+                     f"({judged['first_stage_ndcg10']:.3f} / {judged['reranked_ndcg10']:.3f}) | "
+                     f"{'on' if free['on'] else 'off'} ({free['first_stage_ndcg10']:.3f} / {free['reranked_ndcg10']:.3f}) "
+                     f"| {'yes' if gates['agree'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def exit_heads_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (timed, simulated) = plt.subplots(1, 2, figsize=(12, 5))
+    markers = {"full (no pruning)": "o", "deep-supervised default": "s", "label-free default": "^",
+               "label-free + pre-ranker": "D"}
+    for (name, section), color in zip(report["datasets"].items(), ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+        for depth, block in section.items():
+            if depth.startswith("top"):
+                for setting, row in block["settings"].items():
+                    timed.scatter(row["ms_per_query"], row["ndcg10_reranker"], color=color, marker=markers[setting],
+                                  facecolors="none" if depth == "top100" else color)
+        for heads, style in (("deep", "-"), ("label_free", "--")):
+            points = sorted((s["speedup"], s["top10_overlap"]) for s in section["frontiers"][heads])
+            simulated.plot([p[0] for p in points], [p[1] for p in points], style, color=color,
+                           label=f"{name} {heads.replace('_', '-')}")
+        timed.scatter([], [], color=color, label=name)
+    for setting, marker in markers.items():
+        timed.scatter([], [], color="grey", marker=marker, label=setting)
+    timed.set_xscale("log")
+    timed.set_xlabel("rerank ms per query (log; hollow: top 100)")
+    timed.set_ylabel("nDCG@10, reranker alone")
+    timed.legend(fontsize=7)
+    simulated.set_xlabel("simulated speedup over the unpruned model")
+    simulated.set_ylabel("top-10 agreement with the unpruned model (test queries)")
+    simulated.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

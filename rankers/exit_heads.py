@@ -30,7 +30,7 @@ from sieve.index.errors import FailedPrecondition, InvalidArgument
 from .calibration import cheapest_setting, margins_by_recall, pruning_frontier, scaled_candidates
 from .model import LayeredCrossEncoder, ScoreHead, pair_features, segment_masks, weights_fingerprint
 
-HEADS_FILE, CONFIG_FILE = "heads.safetensors", "config.json"
+HEADS_FILE, CONFIG_FILE, PRE_RANKER_FILE = "heads.safetensors", "config.json", "pre_ranker.safetensors"
 KIND = "sieve-exit-heads"
 
 
@@ -69,9 +69,9 @@ class ClassifierCrossEncoder(LayeredCrossEncoder):
 
 
 # Storing and attaching ------------------------------------------------------------------------------
-def save_heads(model: LayeredCrossEncoder, folder: Path, config: dict) -> None:
-    """heads.safetensors (the early heads, float32) and config.json, written into a fresh folder that
-    replaces `folder` whole, so a reader sees the old heads or the new ones."""
+def save_heads(model: LayeredCrossEncoder, folder: Path, config: dict, pre_ranker=None) -> None:
+    """heads.safetensors (the early heads, float32), the pre-ranker if there is one, and config.json,
+    written into a fresh folder that replaces `folder` whole, so a reader sees the old heads or the new ones."""
     import shutil
 
     from safetensors.torch import save_file
@@ -83,6 +83,8 @@ def save_heads(model: LayeredCrossEncoder, folder: Path, config: dict) -> None:
         early = {f"{name}": p.detach().float().contiguous() for name, p in model.heads.named_parameters()
                  if int(name.split(".")[0]) < model.num_layers}
         save_file(early, str(staging / HEADS_FILE))
+        if pre_ranker is not None:
+            save_file(pre_ranker.trainable_state(), str(staging / PRE_RANKER_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps({"kind": KIND, **config}, indent=2) + "\n")
         old = folder.with_name(f".{folder.name}.old.{time.time_ns()}")
         if folder.exists():
@@ -278,10 +280,13 @@ def calibrate_heads(model: LayeredCrossEncoder, held_out: list[Observed], k: int
 
 
 def train_exit_heads(reranker, requests: list[tuple[str, list[str]]], held_out_share: float = 0.25,
-                     min_overlap: float = 0.98, epochs: int = 60) -> dict:
+                     min_overlap: float = 0.98, epochs: int = 60, pre_ranker: bool = False):
     """Observe a freshly loaded LayeredReranker's frozen model over (pseudo-query, candidates) requests, fit
     a head at every layer below the last on most of them (installed in reranker.model) and calibrate on the
-    rest. Returns the config save_heads stores."""
+    rest; with `pre_ranker`, distil a PreRanker from the same final scores and calibrate its cut in front of
+    the heads' default pruning. Returns (the config save_heads stores, the PreRanker or None)."""
+    from .pre_ranker import calibrate_cut, train_pre_ranker
+
     if len(requests) < 8:
         raise InvalidArgument(f"{len(requests)} pseudo-queries with candidates; exit heads need at least 8")
     model = reranker.model
@@ -292,13 +297,21 @@ def train_exit_heads(reranker, requests: list[tuple[str, list[str]]], held_out_s
     held = max(2, int(len(observed) * held_out_share))
     losses = fit_heads(model, observed[held:], layers, epochs=epochs)
     calibration = calibrate_heads(model, observed[:held], min_overlap=min_overlap)
-    return {**calibration, "early_layers": list(layers), "fingerprint": reranker.fingerprint,
-            "training": {"pseudo_queries": len(requests), "held_out": held,
-                         "pairs": int(sum(len(p) for _, p in requests)), "epochs": epochs,
-                         "final_losses": {str(l): round(v, 4) for l, v in losses.items()},
-                         "observe_seconds": round(observed_at - started, 1),
-                         "fit_seconds": round(time.perf_counter() - observed_at, 1),
-                         "min_overlap": min_overlap, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    config = {**calibration, "early_layers": list(layers), "fingerprint": reranker.fingerprint,
+              "training": {"pseudo_queries": len(requests), "held_out": held,
+                           "pairs": int(sum(len(p) for _, p in requests)), "epochs": epochs,
+                           "final_losses": {str(l): round(v, 4) for l, v in losses.items()},
+                           "observe_seconds": round(observed_at - started, 1),
+                           "fit_seconds": round(time.perf_counter() - observed_at, 1),
+                           "min_overlap": min_overlap, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    if not pre_ranker:
+        return config, None
+    pre, record = train_pre_ranker(requests[held:], [o.final for o in observed[held:]])
+    chosen = calibration["pruning"]
+    cut = calibrate_cut([pre.scores(q, p).numpy() for q, p in requests[:held]], layer_scores(model, observed[:held]),
+                        chosen["checkpoints"], {int(l): m for l, m in chosen["margins"].items()}, min_overlap=min_overlap)
+    config["pre_ranker"] = {**cut, "training": record}
+    return config, pre
 
 
 def heads_size(folder: Path) -> int:

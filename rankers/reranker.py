@@ -15,9 +15,10 @@ from sieve.index.errors import InvalidArgument
 
 from .artifact import ARTIFACT, is_artifact, load_artifact
 from .base import Reranker, RerankResult
-from .exit_heads import attach_heads
+from .exit_heads import PRE_RANKER_FILE, attach_heads
 from .external import load_cross_encoder
 from .layered import LayeredReranker
+from .pre_ranker import PreRankedReranker, load_pre_ranker
 
 
 def choose_device(device: str | None) -> str:
@@ -57,14 +58,19 @@ def open_reranker(name_or_path: str = "", dtype: str = "auto", device: str | Non
     return load_cross_encoder(str(path) if path.exists() else name_or_path, device, torch_dtype)
 
 
-def with_exit_heads(reranker: Reranker, folder: Path) -> LayeredReranker:
-    """The reranker with the early heads in `folder` instead of its own, and their calibrated pruning."""
+def with_exit_heads(reranker: Reranker, folder: Path) -> Reranker:
+    """The reranker with the early heads in `folder` instead of its own and their calibrated pruning, behind
+    the folder's pre-ranker where one was trained and its cut pays."""
     if not isinstance(reranker, LayeredReranker):
         raise InvalidArgument("exit heads need a BERT-family cross-encoder, run layer by layer")
     config = attach_heads(reranker.model, folder, reranker.fingerprint)
     calibrated = {key: config[key] for key in ("default_checkpoints", "margins", "margins_by_recall")}
-    return LayeredReranker(reranker.model, reranker.tokenizer, {**reranker.config, **calibrated},
-                           reranker.device, reranker.dtype)
+    headed = LayeredReranker(reranker.model, reranker.tokenizer, {**reranker.config, **calibrated},
+                             reranker.device, reranker.dtype)
+    cut = (config.get("pre_ranker") or {}).get("chosen")
+    if cut is None or not (folder / PRE_RANKER_FILE).is_file():
+        return headed
+    return PreRankedReranker(headed, load_pre_ranker(folder / PRE_RANKER_FILE), cut["margin"])
 
 
 def fuse_with_first_stage(result: RerankResult, first_stage_scores: list[float], weight: float) -> list[tuple[int, float]]:

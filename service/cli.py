@@ -315,12 +315,18 @@ def train_exit_heads(args) -> int:
     if not args.collection:
         raise SystemExit("sieve train exit-heads: --collection is required")
     with SyncEngine(ServerConfig(data=args.data or os.environ.get("SIEVE_DATA", "./sieve-data"), read_only=True)) as engine:
-        config = engine.train_exit_heads(args.collection, args.reranker, args.pseudo_queries, args.depth)
+        config = engine.train_exit_heads(args.collection, args.reranker, args.pseudo_queries, args.depth,
+                                         pre_ranker=args.pre_ranker)
     chosen, training = config["pruning"], config["training"]
     print(f"exit heads for {args.collection!r} ({config['reranker'] or 'shipped reranker'}): layers "
           f"{config['early_layers']}, default checkpoints {chosen['checkpoints']} (held-out top-10 agreement "
           f"{chosen.get('top10_overlap', 1.0)}, simulated speedup {chosen['speedup']}x); "
           f"{training['pseudo_queries']} pseudo-queries, {training['observe_seconds'] + training['fit_seconds']:.0f} s")
+    if "pre_ranker" in config:
+        cut = config["pre_ranker"]["chosen"]
+        print(f"pre-ranker ({config['pre_ranker']['training']['seconds']:.0f} s): " + (
+            f"margin {cut['margin']:.3f}, held-out top-10 agreement {cut['top10_overlap']}, simulated speedup "
+            f"{cut['speedup']}x" if cut else "no cut keeps the agreement target and pays; not used"))
     return 0
 
 
@@ -476,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--collection", help="exit-heads: the collection whose passages and first stage train them")
     train.add_argument("--reranker", help="exit-heads: the collection's reranker (checked; default: its setting)")
     train.add_argument("--pseudo-queries", type=int, default=200, help="exit-heads: pseudo-queries made from passages")
-    train.add_argument("--depth", type=int, default=20, help="exit-heads: first-stage candidates per pseudo-query")
+    train.add_argument("--depth", type=int, default=30, help="exit-heads: first-stage candidates per pseudo-query")
+    train.add_argument("--pre-ranker", action="store_true",
+                       help="exit-heads: also distil a SPLADE-tiny pre-ranker that cuts candidates before the reranker")
     train.set_defaults(run=cmd_train)
 
     evaluate = command("evaluate", "measure reranking on judged queries; sets the collection's default")

@@ -374,7 +374,8 @@ class BaseEngine(ABC):
                                                (text, passages, k, pruning))
         finally:
             self.queued_rerank_pairs -= len(passages)
-        checkpoints = [0, *(pruning.checkpoints or reranker.default_checkpoints)]
+        checkpoints = [0, *(["pre"] if hasattr(reranker, "pre") and pruning.prune else []),
+                       *(pruning.checkpoints or reranker.default_checkpoints)]
         for layer, alive in zip(checkpoints, result.survivors):
             metrics.RERANK_SURVIVORS.labels(str(layer)).observe(alive)
         if first_stage is not None and reranker.fusion_weight is not None:
@@ -629,11 +630,13 @@ class Engine(BaseEngine):
         return self.collection(collection).exit_heads
 
     async def train_exit_heads(self, collection: str, reranker: str | None = None, pseudo_queries: int = 200,
-                               depth: int = 20, min_overlap: float = 0.98, seed: int = 13) -> dict:
+                               depth: int = 30, min_overlap: float = 0.98, seed: int = 13,
+                               pre_ranker: bool = False) -> dict:
         """Early-exit heads for the collection's reranker without labels (rankers/exit_heads.py): pseudo-queries
         from its own passages, candidates from its own first stage, the frozen reranker distilled into a
         head per layer, margins calibrated on held-out pseudo-queries. Stored with the collection, used by
-        its reranks from then on. Returns the heads' config (their calibration and training record)."""
+        its reranks from then on; with `pre_ranker`, a distilled SPLADE-tiny pre-ranker too, whose cut runs
+        before the reranker. Returns the heads' config (their calibration and training record)."""
         import random
 
         from sieve.rankers.exit_heads import pseudo_queries as make_queries, save_heads, train_exit_heads
@@ -657,9 +660,10 @@ class Engine(BaseEngine):
             if len(hits) > 10:
                 requests.append((text, [h.document.content for h in hits]))
         model = await asyncio.to_thread(open_reranker, name)
-        config = await asyncio.to_thread(train_exit_heads, model, requests, min_overlap=min_overlap)
+        config, pre = await asyncio.to_thread(train_exit_heads, model, requests, min_overlap=min_overlap,
+                                              pre_ranker=pre_ranker)
         config = {"reranker": name, "collection": collection, "depth": depth, **config}
-        await asyncio.to_thread(save_heads, model.model, target.exit_heads, config)
+        await asyncio.to_thread(save_heads, model.model, target.exit_heads, config, pre)
         log.info("trained exit heads for collection %s (%s): %s", collection, name or "shipped", config["pruning"])
         return config
 

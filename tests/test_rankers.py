@@ -188,9 +188,9 @@ def trained_heads(hub_cross_encoder, passages, tmp_path_factory):
     from sieve.rankers.reranker import open_reranker
 
     fresh = open_reranker(hub_cross_encoder, dtype="float32")
-    config = train_exit_heads(fresh, short_requests(passages, 24), epochs=30)
+    config, pre = train_exit_heads(fresh, short_requests(passages, 24), epochs=30, pre_ranker=True)
     folder = tmp_path_factory.mktemp("heads") / "exit_heads"
-    save_heads(fresh.model, folder, {"reranker": hub_cross_encoder, **config})
+    save_heads(fresh.model, folder, {"reranker": hub_cross_encoder, **config}, pre)
     return folder, config
 
 
@@ -200,7 +200,7 @@ def test_exit_heads_trained_without_labels_let_a_hub_cross_encoder_prune(hub_cro
     folder, config = trained_heads
     assert config["early_layers"] == [1, 2, 3, 4, 5] and config["training"]["pseudo_queries"] == 24
     assert set(config["margins_by_recall"]["0.99"]) == {"1", "2", "3", "4", "5"}
-    assert heads_size(folder) < 2_000_000  # five small heads, not a copy of the model
+    assert heads_size(folder) < 4_000_000  # five small heads and a pre-ranker, not a copy of the model (88 MB)
     headed = load_reranker(hub_cross_encoder, "float32", None, str(folder), "v1")
     plain = load_reranker(hub_cross_encoder, dtype="float32")
     assert headed.checkpoint_layers == (1, 2, 3, 4, 5, 6) and plain.checkpoint_layers == (6,)
@@ -217,6 +217,34 @@ def test_exit_heads_trained_without_labels_let_a_hub_cross_encoder_prune(hub_cro
     scores = layer_scores(headed.model, seen)[0]
     top = lambda row: set(np.argsort(-row)[:5].tolist())  # noqa: E731
     assert len(top(scores[4]) & top(scores[5])) >= 3
+
+
+def test_a_distilled_pre_ranker_cuts_candidates_before_the_reranker(hub_cross_encoder, trained_heads, passages):
+    from scipy.stats import spearmanr
+
+    from sieve.rankers.exit_heads import PRE_RANKER_FILE
+    from sieve.rankers.pre_ranker import PreRankedReranker, load_pre_ranker
+
+    folder, config = trained_heads
+    options = config["pre_ranker"]["options"]
+    assert len(options) == 5 and all(0 < o["top10_overlap"] <= 1 for o in options)
+    assert (folder / PRE_RANKER_FILE).stat().st_size < 3_000_000  # its layers and head; embeddings stay packaged
+    pre = load_pre_ranker(folder / PRE_RANKER_FILE)
+    headed = load_reranker(hub_cross_encoder, "float32", None, str(folder), "v1")
+    main = headed.main if isinstance(headed, PreRankedReranker) else headed
+    # distilled: on the passages it learnt from, it orders them as the main model does
+    query, texts = short_requests(passages, 24)[-1]
+    final = main.rerank(query, texts, len(texts), PruningOptions(prune=False))
+    by_index = dict(zip(final.order, final.scores))
+    assert spearmanr(pre.scores(query, texts).numpy(), [by_index[i] for i in range(len(texts))])[0] > 0.3
+    cascade = PreRankedReranker(main, pre, margin=0.0)
+    result = cascade.rerank(QUERY, passages, 5, PruningOptions(checkpoints=(2,), margin=1e6))
+    assert result.survivors[:2] == [20, 10]  # k + safety left after the cut, all of them through layer 2
+    assert len(result.order) == 10 and set(result.order) <= set(range(20))
+    unpruned = cascade.rerank(QUERY, passages, 5, PruningOptions(prune=False))
+    assert unpruned.survivors == [20] and unpruned.order == main.rerank(QUERY, passages, 5, PruningOptions(prune=False)).order
+    with pytest.raises(InvalidArgument):
+        cascade.rerank(QUERY, [], 5)
 
 
 def test_exit_heads_refuse_other_weights(trained_heads):
