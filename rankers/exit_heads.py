@@ -4,11 +4,13 @@ A cross-encoder from the hub has a score head only at its last layer, so it cann
 the model stays frozen: pseudo-queries made from a collection's own passages (titles, sentences) fetch
 candidates from the collection's own first stage; the model runs once over them, keeping what a
 ScoreHead reads at every earlier layer (pair_features) and its own final scores; a head per layer is
-then fitted to reproduce the final ranking (listwise KL towards the final scores' distribution, plus
-MSE on the per-query centred scores so that margins mean something), and the pruning margins are
-calibrated on held-out pseudo-queries against a top-10 agreement target, as calibration.py does on
-judged queries. The heads are a small artifact (heads.safetensors + config.json) tied to the model's
-weights by a fingerprint; loaded over other weights they are refused, and the model reranks unpruned.
+then fitted to reproduce the final ranking (listwise KL towards the distribution of the final scores,
+standardised per query, plus MSE to them, so that a margin means the same whatever the model's logit
+scale), and the pruning margins are calibrated on held-out pseudo-queries against a top-10 agreement
+target, as calibration.py does on judged queries. The same final scores can distil a pre-ranker
+(pre_ranker.py). The heads are a small artifact (heads.safetensors, config.json, optionally
+pre_ranker.safetensors) tied to the model's weights by a fingerprint; loaded over other weights they
+are refused, and the model reranks unpruned.
 """
 from __future__ import annotations
 
@@ -37,9 +39,9 @@ KIND = "sieve-exit-heads"
 class ClassifierCrossEncoder(LayeredCrossEncoder):
     """A Hugging Face sequence-classification cross-encoder of the BERT family (BERT, MiniLM, RoBERTa,
     XLM-R, ELECTRA: a base model with .embeddings and .encoder.layer), run one layer at a time. Its own
-    classifier scores the last layer; ScoreHeads, when trained, score earlier ones."""
+    classifier scores the last layer; ScoreHeads, once trained, score earlier ones."""
 
-    def __init__(self, classifier: nn.Module, tokenizer, early_layers: tuple[int, ...] = ()):
+    def __init__(self, classifier: nn.Module, tokenizer):
         nn.Module.__init__(self)
         base = classifier.base_model
         if not hasattr(base, "embeddings") or not hasattr(getattr(base, "encoder", None), "layer"):
@@ -47,8 +49,8 @@ class ClassifierCrossEncoder(LayeredCrossEncoder):
                                   ".encoder.layer): it reranks, but early exit heads cannot be trained for it")
         self.classifier, self.bert = classifier, base
         self.num_layers = len(base.encoder.layer)
-        self.checkpoint_layers = tuple(sorted(set(early_layers) | {self.num_layers}))
-        self.heads = nn.ModuleDict({str(l): ScoreHead(base.config.hidden_size) for l in early_layers})
+        self.checkpoint_layers = (self.num_layers,)
+        self.heads = nn.ModuleDict()  # early heads come from attach_heads or fit_heads
         self.special_ids, self.separator = tuple(tokenizer.all_special_ids), tokenizer.sep_token_id
 
     def segment_masks(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

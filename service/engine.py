@@ -185,9 +185,11 @@ def pruning_status(collection: Collection) -> str:
         try:
             config = read_heads_config(collection.exit_heads)
             training, chosen = config["training"], config["pruning"]
+            cut = (config.get("pre_ranker") or {}).get("chosen")
             return (f"exit heads trained without labels for {config['reranker'] or 'the shipped reranker'!r} on "
                     f"{training['trained_at']} from {training['pseudo_queries']} pseudo-queries: default checkpoints "
-                    f"{chosen['checkpoints']}, held-out top-10 agreement {chosen.get('top10_overlap', 1.0)}")
+                    f"{chosen['checkpoints']}, held-out top-10 agreement {chosen.get('top10_overlap', 1.0)}"
+                    + (f"; a distilled pre-ranker cuts first (held-out agreement {cut['top10_overlap']})" if cut else ""))
         except (KeyError, TypeError, InvalidArgument) as error:
             return f"off: the exit heads in {collection.exit_heads} cannot be used ({error}); train them again"
     if name in DEFAULT_ENCODER_ALIASES or is_artifact(Path(name).expanduser()):

@@ -110,6 +110,21 @@ def test_rerank_default_follows_the_collection_and_its_evaluation(engine):
     (collection.directory / "evaluation.json").unlink()
 
 
+def test_training_exit_heads_checks_its_arguments_before_any_work(engine):
+    from sieve.index.errors import FailedPrecondition
+
+    with pytest.raises(NotFound):
+        engine.train_exit_heads("no-such-collection")
+    with pytest.raises(FailedPrecondition, match="reranks with ''"):
+        engine.train_exit_heads("adi", reranker="some/other-model")
+    with pytest.raises(InvalidArgument, match="pseudo_queries"):
+        engine.train_exit_heads("adi", pseudo_queries=3)
+    with pytest.raises(InvalidArgument, match="depth"):
+        engine.train_exit_heads("adi", depth=10)
+    pruning = engine.describe("adi").stats["details"]["rerank"]["pruning"]
+    assert pruning == "the Sieve reranker's own heads (deep-supervised)"
+
+
 def test_writes_are_refused_by_a_read_only_engine(engine):
     with SyncEngine(data=str(engine.config.data), read_only=True) as replica:
         assert replica.search(SearchQuery("adi", "indexing", k=1)).hits

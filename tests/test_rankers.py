@@ -344,3 +344,28 @@ def test_a_slow_or_failing_load_does_not_hold_up_another_model():
     slow.join()
     with pytest.raises(OSError):  # a failed load is not cached
         release.set() or load("unreachable-hub-name")
+
+
+def test_calibrated_checkpoint_sets_scale_to_the_model_depth():
+    from sieve.rankers.calibration import PRUNING_CANDIDATES, scaled_candidates
+
+    assert scaled_candidates(6) == PRUNING_CANDIDATES
+    deep = scaled_candidates(12)
+    assert (2, 4, 6, 8, 10) in deep and (2, 6, 10) in deep
+    assert all(1 <= layer <= 11 for checkpoints in deep for layer in checkpoints)
+    assert scaled_candidates(2) == ((1,),)
+
+
+def test_pseudo_queries_are_titles_and_sentences_of_their_source():
+    from sieve.index.documents import Document
+    from sieve.rankers.exit_heads import pseudo_queries
+
+    with open(SCIFACT_DIR / "corpus.jsonl") as f:
+        docs = [Document(r["_id"], r["text"], r["title"]) for r in map(json.loads, itertools.islice(f, 60))]
+    made = pseudo_queries(docs, 40)
+    assert len(made) == 40 and made == pseudo_queries(docs, 40)  # deterministic for a seed
+    by_id = {d.id: d for d in docs}
+    titles = sum(text == by_id[source].title for text, source in made)
+    assert 0 < titles < 40  # both kinds
+    assert all(text == by_id[source].title or (text in by_id[source].text and 8 <= len(text.split()) <= 40)
+               for text, source in made)
