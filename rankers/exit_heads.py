@@ -287,7 +287,7 @@ def train_exit_heads(reranker, requests: list[tuple[str, list[str]]], held_out_s
     a head at every layer below the last on most of them (installed in reranker.model) and calibrate on the
     rest; with `pre_ranker`, distil a PreRanker from the same final scores and calibrate its cut in front of
     the heads' default pruning. Returns (the config save_heads stores, the PreRanker or None)."""
-    from .pre_ranker import calibrate_cut, train_pre_ranker
+    from .pre_ranker import calibrate_cut, measure_pre_cost, train_pre_ranker
 
     if len(requests) < 8:
         raise InvalidArgument(f"{len(requests)} pseudo-queries with candidates; exit heads need at least 8")
@@ -309,9 +309,11 @@ def train_exit_heads(reranker, requests: list[tuple[str, list[str]]], held_out_s
     if not pre_ranker:
         return config, None
     pre, record = train_pre_ranker(requests[held:], [o.final for o in observed[held:]])
+    pre.serving(reranker.device, reranker.dtype)  # measured and calibrated as it will serve
+    pre_scores, pre_cost = measure_pre_cost(pre, reranker, requests[:held])
     chosen = calibration["pruning"]
-    cut = calibrate_cut([pre.scores(q, p).numpy() for q, p in requests[:held]], layer_scores(model, observed[:held]),
-                        chosen["checkpoints"], {int(l): m for l, m in chosen["margins"].items()}, min_overlap=min_overlap)
+    cut = calibrate_cut(pre_scores, layer_scores(model, observed[:held]), chosen["checkpoints"],
+                        {int(l): m for l, m in chosen["margins"].items()}, pre_cost, min_overlap=min_overlap)
     config["pre_ranker"] = {**cut, "training": record}
     return config, pre
 

@@ -1,11 +1,12 @@
-"""A distilled pre-ranker: SPLADE-tiny (2 layers, 128-d, about 1/15 of MiniLM-L6's cost per pair) as a
-cross-encoder, trained to reproduce the main reranker's scores on pseudo-queries, that cuts the
-candidate list before the main model runs.
+"""A distilled pre-ranker: SPLADE-tiny (2 layers, 128-d; by its size 1/15 of MiniLM-L6's cost per pair, on
+2 CPU cores measured nearer 1/6) as a cross-encoder, trained to reproduce the main reranker's scores on
+pseudo-queries, that cuts the candidate list before the main model runs.
 
 It learns from what label-free exit-head training already has (exit_heads.observe): every held-in
 pseudo-query's candidates with the main model's final scores; the loss is the heads' own
 (distillation_loss). Its cut is a margin below its k-th best score, calibrated on the held-out
-pseudo-queries together with the exit heads' default pruning, against the same top-10 agreement target.
+pseudo-queries together with the exit heads' default pruning, against the same top-10 agreement target,
+with its cost measured against the main model's: a cut is kept only where it beats the heads alone.
 """
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ from .base import Reranker, RerankResult
 from .calibration import HEAD_COST, margins_by_recall
 from .model import ScoreHead, segment_masks
 from .limits import validate_request
-from .pruning import keep_count, simulate_pruning
+from .pruning import NO_PRUNING, keep_count, simulate_pruning
 
-PRE_COST = 0.4  # a pre-ranker pair costs about 0.4 of one main-model layer (1/15 of its 6): calibration's cost model
 
 
 def load_pre_ranker(path) -> PreRanker:
@@ -56,9 +56,16 @@ class PreRanker(nn.Module):
         return dict(self.tokenizer([query] * len(passages), list(passages), truncation="longest_first",
                                    max_length=self.max_length, padding=True, return_tensors="pt"))
 
+    def serving(self, device, dtype: torch.dtype) -> "PreRanker":
+        """On the main model's device and in its dtype; the head stays float32, as every ScoreHead does."""
+        self.to(device=device, dtype=dtype)
+        self.head.float()
+        return self.eval()
+
     def scores(self, query: str, passages: list[str]) -> torch.Tensor:
+        device = self.head.bias.device
         with torch.inference_mode():
-            return self(self.encode(query, passages)).float()
+            return self({k: v.to(device) for k, v in self.encode(query, passages).items()}).float().cpu()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What the artifact stores: all but the frozen word-piece embeddings (they come with the package)."""
@@ -94,13 +101,19 @@ def train_pre_ranker(requests: list[tuple[str, list[str]]], finals: list[torch.T
 
 
 def calibrate_cut(pre_scores: list[np.ndarray], layer_scores: list[np.ndarray], checkpoints, margins: dict,
-                  k: int = 10, min_overlap: float = 0.98, safety: int = 5) -> dict:
+                  pre_cost: float, k: int = 10, min_overlap: float = 0.98, safety: int = 5) -> dict:
     """The pre-ranker's margin: of those calibrated at several recalls (how far below its k-th best score a
     member of the main model's final top k may fall), the cheapest whose cut, followed by the exit heads'
-    own pruning, keeps `min_overlap` of the final top k on held-out pseudo-queries. None: no cut pays."""
+    own pruning, keeps `min_overlap` of the final top k on held-out pseudo-queries. `pre_cost`: what scoring
+    a pair costs the pre-ranker, in main-model layers (measured, see measure_pre_cost). None: no cut beats
+    the heads' pruning alone."""
     rows = [np.vstack([p[None], s]) for p, s in zip(pre_scores, layer_scores)]  # the pre-ranker as "layer 1"
     cut_margins = margins_by_recall(rows, [1], k)
     full = sum(s.size for s in layer_scores)
+    alone = 0.0  # the heads' pruning without a cut: what a cut must beat
+    for scores in layer_scores:
+        survivors, _, run = simulate_pruning(scores, k, checkpoints, margins, safety)
+        alone += run + HEAD_COST * sum(survivors[:-1])
     options = []
     for recall, by_layer in cut_margins.items():
         margin, cost, overlap = by_layer["1"], 0.0, 0.0
@@ -108,13 +121,26 @@ def calibrate_cut(pre_scores: list[np.ndarray], layer_scores: list[np.ndarray], 
             ranked = np.argsort(-pre, kind="stable")
             kept = np.sort(ranked[:keep_count(pre[ranked], k, margin, safety)])
             survivors, order, run = simulate_pruning(scores[:, kept], k, checkpoints, margins, safety)
-            cost += PRE_COST * len(pre) + run + HEAD_COST * sum(survivors[:-1])
+            cost += pre_cost * len(pre) + run + HEAD_COST * sum(survivors[:-1])
             top = set(np.argsort(-scores[-1], kind="stable")[:k].tolist())
             overlap += len(top & set(kept[order[:k]].tolist())) / len(top)
         options.append({"recall": recall, "margin": margin, "speedup": round(full / cost, 3),
                         "top10_overlap": round(overlap / len(pre_scores), 4)})
-    safe = [o for o in options if o["top10_overlap"] >= min_overlap and o["speedup"] > 1]
-    return {"options": options, "chosen": max(safe, key=lambda o: o["speedup"]) if safe else None}
+    safe = [o for o in options if o["top10_overlap"] >= min_overlap and o["speedup"] > full / alone]
+    return {"options": options, "pre_cost_in_layers": round(pre_cost, 3), "heads_alone_speedup": round(full / alone, 3),
+            "chosen": max(safe, key=lambda o: o["speedup"]) if safe else None}
+
+
+def measure_pre_cost(pre: PreRanker, main, requests: list[tuple[str, list[str]]]) -> tuple[list[np.ndarray], float]:
+    """The pre-ranker's scores of each request, and its cost per pair in layers of the main model: both
+    timed on the same requests, as they serve (a small model is bound by overheads, not by its size)."""
+    began = time.perf_counter()
+    scores = [pre.scores(q, p).numpy() for q, p in requests]
+    pre_seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    main.rerank_many([(q, p, 10, NO_PRUNING) for q, p in requests])
+    main_seconds = time.perf_counter() - began
+    return scores, pre_seconds / (main_seconds / main.num_layers)
 
 
 class PreRankedReranker(Reranker):

@@ -70,7 +70,8 @@ def with_exit_heads(reranker: Reranker, folder: Path) -> Reranker:
     cut = (config.get("pre_ranker") or {}).get("chosen")
     if cut is None or not (folder / PRE_RANKER_FILE).is_file():
         return headed
-    return PreRankedReranker(headed, load_pre_ranker(folder / PRE_RANKER_FILE), cut["margin"])
+    pre = load_pre_ranker(folder / PRE_RANKER_FILE).serving(reranker.device, reranker.dtype)
+    return PreRankedReranker(headed, pre, cut["margin"])
 
 
 def fuse_with_first_stage(result: RerankResult, first_stage_scores: list[float], weight: float) -> list[tuple[int, float]]:
