@@ -287,8 +287,12 @@ def train_exit_heads(reranker, requests: list[tuple[str, list[str]]], held_out_s
     a head at every layer below the last on most of them (installed in reranker.model) and calibrate on the
     rest; with `pre_ranker`, distil a PreRanker from the same final scores and calibrate its cut in front of
     the heads' default pruning. Returns (the config save_heads stores, the PreRanker or None)."""
+    from .layered import LayeredReranker
     from .pre_ranker import calibrate_cut, measure_pre_cost, train_pre_ranker
 
+    if not isinstance(reranker, LayeredReranker):
+        raise InvalidArgument(f"{type(reranker.model).__name__} is not a BERT-family cross-encoder run layer by "
+                              "layer: it reranks, but exit heads cannot be trained for it")
     if len(requests) < 8:
         raise InvalidArgument(f"{len(requests)} pseudo-queries with candidates; exit heads need at least 8")
     model = reranker.model
