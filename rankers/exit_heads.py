@@ -118,11 +118,14 @@ def attach_heads(model: LayeredCrossEncoder, folder: Path, found: str) -> dict:
         raise FailedPrecondition(f"the exit heads in {folder} were trained for {config.get('reranker')!r} with weights "
                                  f"{config.get('fingerprint')}, not these ({found}): retrain them "
                                  "(sieve train exit-heads)")
-    layers = [int(layer) for layer in config["early_layers"]]
-    if not layers or max(layers) >= model.num_layers:
-        raise InvalidArgument(f"{folder}: exit heads at layers {layers} do not fit a {model.num_layers}-layer model")
-    heads = nn.ModuleDict({str(l): ScoreHead(model.bert.config.hidden_size) for l in layers})
-    heads.load_state_dict(load_file(str(Path(folder) / HEADS_FILE)))
+    try:  # a damaged folder is refused like a mismatched one: the model then reranks unpruned
+        layers = [int(layer) for layer in config["early_layers"]]
+        if not layers or max(layers) >= model.num_layers:
+            raise ValueError(f"heads at layers {layers} do not fit a {model.num_layers}-layer model")
+        heads = nn.ModuleDict({str(l): ScoreHead(model.bert.config.hidden_size) for l in layers})
+        heads.load_state_dict(load_file(str(Path(folder) / HEADS_FILE)))
+    except Exception as error:
+        raise InvalidArgument(f"the exit heads in {folder} cannot be used: {error}") from None
     for name in [n for n in model.heads if int(n) < model.num_layers]:
         del model.heads[name]
     for name, head in heads.items():

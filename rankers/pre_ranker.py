@@ -32,7 +32,10 @@ def load_pre_ranker(path) -> PreRanker:
     from safetensors.torch import load_file
 
     model = PreRanker()
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    except Exception as error:  # unreadable or damaged
+        raise InvalidArgument(f"{path} cannot be read as a pre-ranker: {error}") from None
     if unexpected or any("embeddings" not in key for key in missing):
         raise InvalidArgument(f"{path} does not fit the pre-ranker: {unexpected or missing}")
     return model.eval()

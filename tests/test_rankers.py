@@ -247,13 +247,20 @@ def test_a_distilled_pre_ranker_cuts_candidates_before_the_reranker(hub_cross_en
         cascade.rerank(QUERY, [], 5)
 
 
-def test_exit_heads_refuse_other_weights(trained_heads):
+def test_exit_heads_refuse_other_weights_and_damaged_files(hub_cross_encoder, trained_heads, tmp_path):
+    import shutil
+
     from sieve.index.errors import FailedPrecondition
-    from sieve.rankers.reranker import with_exit_heads
+    from sieve.rankers.exit_heads import HEADS_FILE
+    from sieve.rankers.reranker import open_reranker, with_exit_heads
 
     folder, _ = trained_heads
     with pytest.raises(FailedPrecondition, match="trained for .* retrain them"):
         with_exit_heads(load_reranker("", dtype="float32"), folder)  # the shipped model is other weights
+    damaged = shutil.copytree(folder, tmp_path / "exit_heads")
+    (damaged / HEADS_FILE).write_bytes((damaged / HEADS_FILE).read_bytes()[:1000])
+    with pytest.raises(InvalidArgument, match="cannot be used"):
+        with_exit_heads(open_reranker(hub_cross_encoder, dtype="float32"), damaged)
 
 
 def test_distillation_loss_is_lowest_for_the_final_ranking():
