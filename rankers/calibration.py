@@ -97,9 +97,10 @@ def calibrate(model, tokenizer, first_stage: FirstStage, corpus: dict, queries: 
     first-stage fusion weight.
 
     Margins come from margins_by_recall; pruning settings built from them are then simulated on the
-    same scores (exact: a candidate's score does not depend on the others); the default is the cheapest whose top-k overlap with the unpruned
-    ranking is at least `min_overlap`. The fusion weight (> 0) maximises dev nDCG@10 of the reranker's
-    final scores interpolated with the RRF scores (both min-max normalised)."""
+    same scores (exact: a candidate's score does not depend on the others); the default is the cheapest
+    whose top-k overlap with the unpruned ranking is at least `min_overlap`. The fusion weight (> 0)
+    maximises dev nDCG@10 of the reranker's final scores interpolated with the RRF scores (both min-max
+    normalised)."""
     import ir_measures
 
     from sieve.index.fusion import weighted_scores

@@ -183,11 +183,8 @@ def observe(model: LayeredCrossEncoder, tokenizer, requests: list[tuple[str, lis
                 [query] * len(passages), passages, truncation="longest_first", max_length=max_length,
                 padding=True, return_tensors="pt").items()}
             query_mask, passage_mask = model.segment_masks(batch)
-            hidden = model.embed(batch)
-            mask = model.additive_mask(batch["attention_mask"], hidden.dtype)
             features = {}
-            for layer in range(1, model.num_layers + 1):
-                hidden = model.run_layer(layer, hidden, mask)
+            for layer, hidden in model.hidden_states(batch):
                 if layer in layers:
                     features[layer] = tuple(f.half().cpu() for f in pair_features(hidden, query_mask, passage_mask))
             final = model.score(model.num_layers, hidden, query_mask, passage_mask).float().cpu()

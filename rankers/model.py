@@ -110,17 +110,19 @@ class LayeredCrossEncoder(nn.Module):
     def score(self, layer: int, hidden: torch.Tensor, query_mask, passage_mask) -> torch.Tensor:
         return self.heads[str(layer)](hidden, query_mask, passage_mask)
 
-    def forward(self, batch: dict, frozen_below: int = 0) -> torch.Tensor:
-        """Scores of every checkpoint layer, [len(checkpoint_layers), B]; layers < frozen_below get no gradient."""
-        query_mask, passage_mask = self.segment_masks(batch)
+    def hidden_states(self, batch: dict, frozen_below: int = 0):
+        """(layer, its output) for every layer in turn, unpruned; layers < frozen_below get no gradient."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_below <= 1):
             hidden = self.embed(batch)
         mask = self.additive_mask(batch["attention_mask"], hidden.dtype)
-        scores = []
         for layer in range(1, self.num_layers + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and layer >= frozen_below):
                 hidden = self.run_layer(layer, hidden, mask)
-            if str(layer) in self.heads:
-                scores.append(self.score(layer, hidden if layer >= frozen_below else hidden.detach(),
-                                         query_mask, passage_mask))
-        return torch.stack(scores)
+            yield layer, hidden
+
+    def forward(self, batch: dict, frozen_below: int = 0) -> torch.Tensor:
+        """Scores of every checkpoint layer, [len(checkpoint_layers), B]; layers < frozen_below get no gradient."""
+        query_mask, passage_mask = self.segment_masks(batch)
+        return torch.stack([self.score(layer, hidden if layer >= frozen_below else hidden.detach(), query_mask,
+                                       passage_mask)
+                            for layer, hidden in self.hidden_states(batch, frozen_below) if str(layer) in self.heads])
