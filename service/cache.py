@@ -18,15 +18,16 @@ from .redis_link import RedisLink
 
 
 class ResultCache:
-    """Search results as JSON, keyed by the query (with its k resolved) and the generation searched."""
+    """Search results as JSON, keyed by the query (with its k resolved), the generation searched and how it was
+    ranked: side records (`sieve evaluate`'s gate, trained exit heads) change results without a new generation."""
 
     def __init__(self, link: RedisLink, ttl_seconds: int):
         self.link = link
         self.ttl = ttl_seconds
 
     @staticmethod
-    def key(query, generation: int) -> str:
-        plain = json.dumps(dataclasses.asdict(query), sort_keys=True, ensure_ascii=False, default=str)
+    def key(query, generation: int, ranking: str = "") -> str:
+        plain = json.dumps([dataclasses.asdict(query), ranking], sort_keys=True, ensure_ascii=False, default=str)
         digest = hashlib.sha256(plain.encode()).hexdigest()[:32]
         return f"sieve:result:{query.collection}:{generation}:{digest}"
 

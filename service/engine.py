@@ -466,7 +466,8 @@ class Engine(BaseEngine):
         depth = query.rerank.depth(settings, k, self.config.max_rerank_passages) if rerank else k
         cache_key = None
         if self.results is not None:
-            cache_key = self.results.key(dataclasses.replace(query, k=k), collection.snapshot.generation)
+            ranking = f"reranked, heads {heads_version(collection.exit_heads) or 'none'}" if rerank else "first stage"
+            cache_key = self.results.key(dataclasses.replace(query, k=k), collection.snapshot.generation, ranking)
             if (cached := await self.results.get(cache_key)) is not None:
                 return SearchResult.from_json(cached)
         async with self.searches:

@@ -1,6 +1,7 @@
 """Production operation with real parts: redis-server, TLS, API keys, replicas, crashes, load."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,14 @@ def test_redis_outage_keeps_searches_and_resumes_queue(tmp_path, redis_server):
             client.search("c", docs[3].title, k=5, retrievers=["dense"])
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{env['SIEVE_METRICS_PORT']}/metrics").read().decode()
             assert 'sieve_cache_requests_total{kind="encoding",result="hit"} 1.0' in metrics
+            # `sieve evaluate` turning reranking on changes the answer without a new generation: not served
+            # from the cache (nor would retrained exit heads be).
+            (tmp_path / "data" / "c" / "evaluation.json").write_text(json.dumps({
+                "queries": 5, "first_stage_ndcg@10": 0.4, "reranked_ndcg@10": 0.5, "measured_at": "2026-12-04"}))
+            client.search("c", docs[3].title, k=3)
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{env['SIEVE_METRICS_PORT']}/metrics").read().decode()
+            assert 'sieve_cache_requests_total{kind="result",result="hit"} 1.0' in metrics
+            assert 'sieve_rerank_survivors_count{checkpoint="0"} 1.0' in metrics  # reranked, once
             # A write changes the generation, so the cached answer is not served again.
             client.upsert("c", [[Document(docs[3].id, "replaced: nothing left of the old title")]])
             assert docs[3].id not in [h.id for h in client.search("c", docs[3].title, k=3).results]
