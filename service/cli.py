@@ -321,7 +321,8 @@ def train_exit_heads(args) -> int:
     print(f"exit heads for {args.collection!r} ({config['reranker'] or 'shipped reranker'}): layers "
           f"{config['early_layers']}, default checkpoints {chosen['checkpoints']} (held-out top-10 agreement "
           f"{chosen.get('top10_overlap', 1.0)}, simulated speedup {chosen['speedup']}x); "
-          f"{training['pseudo_queries']} pseudo-queries, {training['observe_seconds'] + training['fit_seconds']:.0f} s")
+          f"{training['pseudo_queries']} pseudo-queries x {config['depth']} candidates, "
+          f"{training['observe_seconds'] + training['fit_seconds']:.0f} s")
     if "pre_ranker" in config:
         cut = config["pre_ranker"]["chosen"]
         print(f"pre-ranker ({config['pre_ranker']['training']['seconds']:.0f} s): " + (
@@ -482,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--collection", help="exit-heads: the collection whose passages and first stage train them")
     train.add_argument("--reranker", help="exit-heads: the collection's reranker (checked; default: its setting)")
     train.add_argument("--pseudo-queries", type=int, default=200, help="exit-heads: pseudo-queries made from passages")
-    train.add_argument("--depth", type=int, default=30, help="exit-heads: first-stage candidates per pseudo-query")
+    train.add_argument("--depth", type=int, help="exit-heads: first-stage candidates per pseudo-query (default: the "
+                       "collection's rerank_candidates)")
     train.add_argument("--pre-ranker", action="store_true",
                        help="exit-heads: also distil a SPLADE-tiny pre-ranker that cuts candidates before the reranker")
     train.set_defaults(run=cmd_train)

@@ -633,11 +633,12 @@ class Engine(BaseEngine):
         return self.collection(collection).exit_heads
 
     async def train_exit_heads(self, collection: str, reranker: str | None = None, pseudo_queries: int = 200,
-                               depth: int = 30, min_overlap: float = 0.98, seed: int = 13,
+                               depth: int | None = None, min_overlap: float = 0.98, seed: int = 13,
                                pre_ranker: bool = False) -> dict:
         """Early-exit heads for the collection's reranker without labels (rankers/exit_heads.py): pseudo-queries
         from its own passages, candidates from its own first stage, the frozen reranker distilled into a
-        head per layer, margins calibrated on held-out pseudo-queries. Stored with the collection, used by
+        head per layer, margins calibrated on held-out pseudo-queries, `depth` candidates each (default: the
+        collection's rerank_candidates, the depth its reranks run at). Stored with the collection, used by
         its reranks from then on; with `pre_ranker`, a distilled SPLADE-tiny pre-ranker too, whose cut runs
         before the reranker. Returns the heads' config (their calibration and training record)."""
         import random
@@ -650,9 +651,11 @@ class Engine(BaseEngine):
         if name != target.settings.reranker:
             raise FailedPrecondition(f"collection {collection!r} reranks with {target.settings.reranker!r}; heads "
                                      f"for {name!r} would never be used")
+        depth = target.settings.rerank_candidates if depth is None else depth
         if not 8 <= pseudo_queries <= 100_000 or not 11 <= depth <= self.config.max_rerank_passages:
-            raise InvalidArgument(f"pseudo_queries must be within 8..100000 and depth within "
-                                  f"11..{self.config.max_rerank_passages} (margins sit around the 10th best)")
+            raise InvalidArgument(f"pseudo_queries must be within 8..100000 and depth (default: the collection's "
+                                  f"rerank_candidates) within 11..{self.config.max_rerank_passages}, got "
+                                  f"{pseudo_queries} and {depth} (margins sit around the 10th best)")
         ids = sorted(target.snapshot.id_map)
         sample = random.Random(seed).sample(ids, min(len(ids), 3 * pseudo_queries))
         documents, _, _ = await asyncio.to_thread(target.get_many, sample)

@@ -121,7 +121,8 @@ def test_a_hub_cross_encoder_gets_early_pruning_from_exit_heads_trained_without_
     try:
         with SieveClient(server.target) as client:
             docs = corpus("adi")
-            client.create_collection("hub", {"indexes": ["bm25"], "reranker": str(model), "quality_estimator": "none"})
+            client.create_collection("hub", {"indexes": ["bm25"], "reranker": str(model), "quality_estimator": "none",
+                                             "rerank_candidates": 15})
             client.upsert("hub", [docs])
             pruning = client.describe("hub").stats.details["rerank"]["pruning"]
             assert pruning.startswith("off:") and "sieve train exit-heads --collection hub" in pruning
@@ -132,10 +133,10 @@ def test_a_hub_cross_encoder_gets_early_pruning_from_exit_heads_trained_without_
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "only at its last layer" in message
 
             run = subprocess.run([sys.executable, "-m", "sieve.service.cli", "train", "exit-heads", "--data",
-                                  str(server.data), "--collection", "hub", "--pseudo-queries", "16", "--depth", "15"],
+                                  str(server.data), "--collection", "hub", "--pseudo-queries", "16"],
                                  capture_output=True, text=True, timeout=600)
             assert run.returncode == 0, run.stderr
-            assert "exit heads for 'hub'" in run.stdout and "pseudo-queries" in run.stdout
+            assert "exit heads for 'hub'" in run.stdout and "pseudo-queries x 15 candidates" in run.stdout
             assert "exit heads trained without labels" in client.describe("hub").stats.details["rerank"]["pruning"]
             pruned = client.rerank(docs[4].title, passages, k=5, collection="hub",
                                    options=pb.RerankOptions(checkpoints=[2], margins={2: 0.0}))
