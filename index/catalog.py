@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import threading
@@ -110,6 +111,7 @@ class Catalog:
                     raise AlreadyExists(f"collection {name!r} already exists; drop it first or restore under "
                                         "another name")
                 source.copy_to(self.data_dir / name)
+                os.utime(self.data_dir / name / "settings.json")  # a new incarnation (Collection.incarnation)
                 self.collections[name] = Collection.open(self.data_dir / name)
                 return self.collections[name]
         finally:

@@ -86,6 +86,9 @@ class Collection:
         self.retrievers = make_retrievers(settings)
         self._write_lock = threading.Lock()
         self.health = Health()
+        # What tells this collection from an earlier one of its name (dropped, or restored over): when its
+        # settings were written. Caches key on it beside the generation, which a new collection restarts.
+        self.incarnation = (directory / "settings.json").stat().st_mtime_ns
         self.snapshot = self._load()
 
     def _label(self, path: Path) -> str:

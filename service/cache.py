@@ -18,7 +18,8 @@ from .redis_link import RedisLink
 
 
 class ResultCache:
-    """Search results as JSON, keyed by the query (with its k resolved), the generation searched and how it was
+    """Search results as JSON, keyed by the query (with its k resolved), the collection's incarnation and the
+    generation searched (a collection dropped and created again restarts its generations), and how it was
     ranked: side records (`sieve evaluate`'s gate, trained exit heads) change results without a new generation."""
 
     def __init__(self, link: RedisLink, ttl_seconds: int):
@@ -26,10 +27,10 @@ class ResultCache:
         self.ttl = ttl_seconds
 
     @staticmethod
-    def key(query, generation: int, ranking: str = "") -> str:
+    def key(query, generation: int, ranking: str = "", incarnation: int = 0) -> str:
         plain = json.dumps([dataclasses.asdict(query), ranking], sort_keys=True, ensure_ascii=False, default=str)
         digest = hashlib.sha256(plain.encode()).hexdigest()[:32]
-        return f"sieve:result:{query.collection}:{generation}:{digest}"
+        return f"sieve:result:{query.collection}:{incarnation}:{generation}:{digest}"
 
     async def get(self, key: str) -> dict | None:
         raw = await self.link.call("get", key)
@@ -41,16 +42,17 @@ class ResultCache:
 
 
 class EncodingCache:
-    """Query encodings that are arrays (dense, multi-vector), stored as .npy bytes: no pickle from Redis."""
+    """Query encodings that are arrays (dense, multi-vector), stored as .npy bytes: no pickle from Redis; keyed by
+    the collection's incarnation too, as a collection created again under its name may encode otherwise."""
 
     def __init__(self, link: RedisLink, ttl_seconds: int):
         self.link = link
         self.ttl = ttl_seconds
 
     @staticmethod
-    def key(collection: str, retriever: str, text: str) -> str:
+    def key(collection: str, retriever: str, text: str, incarnation: int = 0) -> str:
         digest = hashlib.sha256(text.encode()).hexdigest()[:32]
-        return f"sieve:encoding:{collection}:{retriever}:{digest}"
+        return f"sieve:encoding:{collection}:{incarnation}:{retriever}:{digest}"
 
     async def get(self, key: str) -> np.ndarray | None:
         raw = await self.link.call("get", key)

@@ -467,7 +467,8 @@ class Engine(BaseEngine):
         cache_key = None
         if self.results is not None:
             ranking = f"reranked, heads {heads_version(collection.exit_heads) or 'none'}" if rerank else "first stage"
-            cache_key = self.results.key(dataclasses.replace(query, k=k), collection.snapshot.generation, ranking)
+            cache_key = self.results.key(dataclasses.replace(query, k=k), collection.snapshot.generation, ranking,
+                                         collection.incarnation)
             if (cached := await self.results.get(cache_key)) is not None:
                 return SearchResult.from_json(cached)
         async with self.searches:
@@ -527,7 +528,7 @@ class Engine(BaseEngine):
         """A retriever's representation of a query: from the shared cache, or batched with concurrent ones."""
         key = None
         if self.encodings is not None and name in CACHED_ENCODINGS:
-            key = self.encodings.key(collection.name, name, text)
+            key = self.encodings.key(collection.name, name, text, collection.incarnation)
             if (cached := await self.encodings.get(key)) is not None:
                 return cached
         encoded = await self.batcher.submit((collection.name, name),

@@ -184,6 +184,7 @@ def test_result_cache_keys_and_results_round_trip(engine, adi):
     assert ResultCache.key(query, 3) != ResultCache.key(query, 4)  # a new generation is a new key
     assert ResultCache.key(query, 3) != ResultCache.key(SearchQuery("adi", "indexing", k=9), 3)
     assert ResultCache.key(query, 3, "first stage") != ResultCache.key(query, 3, "reranked, heads none")
+    assert ResultCache.key(query, 3, incarnation=1) != ResultCache.key(query, 3, incarnation=2)  # created again
     result = engine.search(query)
     again = SearchResult.from_json(json.loads(json.dumps(result.to_json())))
     assert again == result

@@ -142,6 +142,14 @@ def test_redis_outage_keeps_searches_and_resumes_queue(tmp_path, redis_server):
             # A write changes the generation, so the cached answer is not served again.
             client.upsert("c", [[Document(docs[3].id, "replaced: nothing left of the old title")]])
             assert docs[3].id not in [h.id for h in client.search("c", docs[3].title, k=3).results]
+            # Nor is one of a dropped collection to the new one of its name, whose generations start again.
+            client.drop("c")
+            client.create_collection("c", {"indexes": ["bm25", "dense"], "retrievers": ["bm25"]})
+            client.upsert("c", [docs[20:30]])
+            assert {h.id for h in client.search("c", docs[3].title, k=3).results} <= {d.id for d in docs[20:30]}
+            client.drop("c")
+            client.create_collection("c", {"indexes": ["bm25", "dense"], "retrievers": ["bm25"]})
+            client.upsert("c", [docs[:10]])
 
             redis_server.stop()
             for doc in docs[:10]:
