@@ -5,7 +5,7 @@ pseudo-queries x `--depth` first-stage candidates of SciFact; then, on the first
 queries' RRF(BM25, dense) top 100, the share of the main model's top 10 that lands in the pre-ranker's top
 N, against the first stage's own order. No timing: recall is what decides whether a cut can pay.
 
-    python -m bench.pre_ranker_recall          # about 25 minutes on 2 cores; prints one JSON line per ranking
+    python -m bench.pre_ranker_recall          # about 20 minutes on 2 cores; prints one JSON line per ranking
 """
 from __future__ import annotations
 
