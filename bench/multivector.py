@@ -189,7 +189,8 @@ def speed(dataset: str, factors: list[int], compressions: list[str], cache: Path
                         ratios.append(seconds[-1] / brute_s)
                         run[qid] = {doc_ids[h.row]: h.score for h in hits}
                         agreement.append(len({h.row for h in hits[:10]} & exact_top[qid]) / 10)
-                        gathered.append(len(prune_and_gather(part, query @ part.centroids.T, knobs.nprobe,
+                        table = torch.from_numpy(query).to(part.device) @ part.centroids_on_device.T
+                        gathered.append(len(prune_and_gather(part, table, knobs.nprobe,
                                                              knobs.centroid_threshold)[0]))
                     ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10]
                     rows.append({

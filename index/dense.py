@@ -84,7 +84,7 @@ class DenseRetriever(Retriever):
         return np.vstack(encoded).astype("float32", copy=False)
 
     def encode_queries(self, texts: list[str]) -> list[np.ndarray]:
-        return list(self.encoder.embed(texts))
+        return [sentence for sentence, _ in self.encoder.queries(texts)]
 
     def search(self, parts, deleted, query: np.ndarray, k: int, params: dict | None = None,
                hidden: list[np.ndarray] | None = None) -> list[Hit]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
+
+import numpy as np
 from pathlib import Path
 
 import torch
 
+RECENT_QUERIES = 64  # query encodings an Encoder keeps, so that its indexes share one forward pass
 DEFAULT_ENCODER_ALIASES = ("", "default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
@@ -35,6 +38,7 @@ class Encoder:
         self.model.max_seq_length = max_tokens
         self.lock = threading.Lock()
         self.dimension = self.model.get_embedding_dimension()
+        self.recent_queries: OrderedDict = OrderedDict()  # text -> (sentence vector, token vectors)
 
     def embed(self, texts: list[str], batch_size: int = 64, progress: bool = False):
         """L2-normalised float32 embeddings, one row per text."""
@@ -50,6 +54,23 @@ class Encoder:
             outputs = self.model.encode(texts, batch_size=batch_size, output_value="token_embeddings",
                                         show_progress_bar=progress)
         return [t.float().cpu().numpy() for t in outputs]
+
+    def queries(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(L2-normalised sentence vector, raw token vectors) per query text, both from ONE forward pass: a
+        fused search asks the dense and the multi-vector index of a collection, which share this encoder,
+        for the same text, and the second finds the first's pass among the recent queries."""
+        with self.lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self.recent_queries))
+            if missing:
+                with torch.inference_mode():
+                    outputs = self.model.encode(missing, batch_size=64, output_value=None)
+                for text, output in zip(missing, outputs):
+                    sentence = output["sentence_embedding"].float().cpu().numpy()
+                    sentence /= max(float(np.linalg.norm(sentence)), 1e-12)
+                    self.recent_queries[text] = (sentence, output["token_embeddings"].float().cpu().numpy())
+                    while len(self.recent_queries) > RECENT_QUERIES:
+                        self.recent_queries.popitem(last=False)
+            return [self.recent_queries[text] for text in texts]
 
 
 def loaded_once(maxsize: int = 8):

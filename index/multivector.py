@@ -20,12 +20,14 @@ Search, per segment, as PLAID does, without a pass over all vectors:
   2. centroid pruning: each query token keeps its `nprobe` best centroids, and of those the ones
      scoring at least `centroid_threshold` (its best always);
   3. candidate generation from the inverted lists of the kept centroids only: a document's approximate
-     MaxSim sums, per query token, the best kept centroid it has a vector in (a scatter-max over
-     list entries, a few thousand per query rather than every stored vector);
+     MaxSim sums, per query token, the best kept centroid it has a vector in (one scatter-max over
+     the list entries, a few thousand per query rather than every stored vector);
   4. the best `candidates` documents are rescored by full centroid interaction (every vector
      replaced by its centroid, from the table);
   5. the best `exact_candidates` of those are decoded and scored by exact MaxSim.
-Files are memory-mapped; nothing is held in memory but the centroids.
+Files are memory-mapped; nothing is held in memory but the centroids. The arithmetic (score table,
+gathers, segmented maxima, exact products) runs in torch, on the GPU when there is one: what a search
+reads from the files moves there, never the whole index.
 """
 from __future__ import annotations
 
@@ -34,13 +36,15 @@ import math
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from .documents import Document
-from .encoders import load_encoder
+from .encoders import device, load_encoder
 from .errors import CorruptIndex, InvalidArgument
 from .pooling import normalize, pool_documents
 from .retriever import Hit, Retriever, dir_bytes, excluded, top_hits
@@ -60,6 +64,8 @@ OPQ_TRAIN_SAMPLE = TRAIN_SAMPLE  # 16k vectors measured worse on CISI (0.981 vs 
 OPQ_ITERATIONS = 20
 PQ_BITS = (10, 9, 8)  # bits a sub-quantiser code, the most the budget allows (2**10 <= PQ_MIN_VECTORS: codebooks train)
 SEED = 1234
+SEARCH_DEVICE = torch.device(device())
+GATHER_CELLS = 1 << 22  # (query tokens x documents) scores candidate generation holds at once (16 MB)
 
 
 def centroid_count(vectors: int) -> int:
@@ -89,13 +95,18 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def maxsim(query: np.ndarray, vectors: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """MaxSim of one query against consecutive documents of `lengths` vectors each (all > 0)."""
-    return summed_max(vectors @ query.T, lengths)
+    return summed_max(torch.from_numpy(vectors) @ torch.from_numpy(query).T, lengths)
 
 
-def summed_max(similarities: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def summed_max(similarities: torch.Tensor, lengths: np.ndarray) -> np.ndarray:
     """MaxSim from (vectors, query tokens) similarities of consecutive documents of `lengths` vectors each."""
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return np.maximum.reduceat(similarities, starts, axis=0).sum(axis=1)
+    lengths = torch.from_numpy(np.asarray(lengths, "int64")).to(similarities.device)
+    return torch.segment_reduce(similarities, "max", lengths=lengths, axis=0).sum(1).cpu().numpy()
+
+
+def on(array: np.ndarray, where: torch.device) -> torch.Tensor:
+    """A numpy array as a tensor on `where` (copied where torch cannot share it: a read-only memory map)."""
+    return torch.from_numpy(np.require(array, requirements=("C", "W"))).to(where)
 
 
 @dataclass
@@ -134,6 +145,12 @@ class MultiVectorPart:
     quantizer: faiss.ProductQuantizer | None
     rotation: faiss.VectorTransform | None  # OPQ, applied before the quantiser (absent in older segments)
 
+    device = SEARCH_DEVICE  # where searches compute
+
+    @cached_property
+    def centroids_on_device(self) -> torch.Tensor:
+        return on(self.centroids, self.device)
+
     @property
     def documents(self) -> int:
         return len(self.offsets) - 1
@@ -153,17 +170,20 @@ class MultiVectorPart:
             decoded += self.centroids[self.centroid_ids[positions]]
         return decoded
 
-    def similarities(self, query: np.ndarray, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """(vectors, query tokens) dot products of the stored vectors at these positions, what decode() then
-        a product would give, for less: <q, c + R'r> = <q, c> + <Rq, r>, so the rotation R moves onto the
-        few query tokens (not the many document vectors: 384 x 384 a vector) and <q, c> is the centroid
-        score `table` (query x centroid) already holds."""
-        if self.codec == "none":
-            return np.asarray(self.payload[positions], dtype="float32") @ query.T
-        rotated = query if self.rotation is None else self.rotation.apply(np.ascontiguousarray(query))
-        similarities = self.quantizer.decode(np.ascontiguousarray(self.payload[positions])) @ rotated.T
+    def similarities(self, query: torch.Tensor, table: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """(vectors, query tokens) dot products of the stored vectors at these positions, on the query's
+        device, what decode() then a product would give, for less: <q, c + R'r> = <q, c> + <Rq, r>, so the
+        rotation R moves onto the few query tokens (not the many document vectors: 384 x 384 a vector) and
+        <q, c> is the centroid score `table` (query x centroid) already holds."""
+        if self.codec == "none":  # float16 rows; torch widens them several times faster than numpy
+            return on(self.payload[positions], query.device).float() @ query.T
+        rotated = query
+        if self.rotation is not None:
+            rotated = on(self.rotation.apply(np.ascontiguousarray(query.cpu().numpy())), query.device)
+        decoded = self.quantizer.decode(np.ascontiguousarray(self.payload[positions]))
+        similarities = on(decoded, query.device) @ rotated.T
         if self.codec == "residual":
-            similarities += table.T[self.centroid_ids[positions]]
+            similarities += table.T.contiguous()[on(self.centroid_ids[positions].astype("int64"), query.device)]
         return similarities
 
     def code_bytes(self) -> int:
@@ -289,7 +309,7 @@ class MultiVectorRetriever(Retriever):
 
     # Search --------------------------------------------------------------------------------
     def encode_queries(self, texts: list[str]) -> list[np.ndarray]:
-        return self.token_vectors(texts)  # queries are never pooled
+        return [normalize(tokens) for _, tokens in self.encoder.queries(texts)]  # queries are never pooled
 
     def search(self, parts, deleted, query: np.ndarray, k: int, params: dict | None = None,
                hidden: list[np.ndarray] | None = None) -> list[Hit]:
@@ -310,7 +330,8 @@ class MultiVectorRetriever(Retriever):
 
     def _search_part(self, part: MultiVectorPart, gone: np.ndarray, query: np.ndarray, k: int,
                      knobs: SearchParams):
-        table = query @ part.centroids.T  # (query tokens, centroids)
+        query = on(query, part.device)
+        table = query @ part.centroids_on_device.T  # (query tokens, centroids)
         candidates, approximate = prune_and_gather(part, table, knobs.nprobe, knobs.centroid_threshold)
         if len(gone):
             live = ~np.isin(candidates, gone, assume_unique=True)
@@ -330,7 +351,7 @@ class MultiVectorRetriever(Retriever):
             return candidates, np.zeros(0, "float32")
         lengths = part.offsets[candidates + 1] - part.offsets[candidates]
         scores = summed_max(part.similarities(query, table, ranges(part.offsets[candidates], lengths)), lengths)
-        order = np.argsort(-scores)[:k]
+        order = np.argsort(-scores, kind="stable")[:k]
         return candidates[order], scores[order]
 
     def stats(self, parts, live_rows: int) -> dict:
@@ -361,47 +382,45 @@ def one_source(batches: list[TokenBatch]) -> tuple[MultiVectorPart, np.ndarray] 
     return batches[0].source[0], np.concatenate([b.source[1] for b in batches])
 
 
-def prune_and_gather(part: MultiVectorPart, table: np.ndarray, nprobe: int,
+def prune_and_gather(part: MultiVectorPart, table: torch.Tensor, nprobe: int,
                      threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """(documents, approximate MaxSim) from the inverted lists of each query token's kept centroids: per
-    token, each document's best kept centroid (lists written in rising score order, so the best lands
-    last), summed over tokens. The loop runs over kept centroids, never over documents."""
+    token, each document's best kept centroid, summed over tokens. One scatter-max over the lists' entries
+    into a (tokens, documents) grid, a few tokens at a time where the grid would be large; no loop over
+    documents or centroids."""
     tokens, count = table.shape
-    probe = min(nprobe, count)
-    top = np.argpartition(-table, probe - 1, axis=1)[:, :probe]  # (tokens, probe) centroid ids
-    values = np.take_along_axis(table, top, axis=1)
-    kept = np.ones_like(values, dtype=bool) if threshold is None else values >= threshold
-    kept[np.arange(tokens), values.argmax(axis=1)] = True  # every query token keeps its best centroid
-    total = np.zeros(part.documents, "float32")
-    best = np.zeros(part.documents, "float32")  # one token's scores; reset after each token
-    seen = np.zeros(part.documents, bool)
-    for token in range(tokens):
-        touched = []
-        for j in np.argsort(values[token]):  # rising scores
-            if kept[token, j]:
-                centroid = top[token, j]
-                documents = part.list_docs[part.list_offsets[centroid]:part.list_offsets[centroid + 1]]
-                best[documents] = values[token, j]
-                touched.append(documents)
-        if touched:
-            documents = np.concatenate(touched)
-            total[documents] += best[documents]  # repeated indices add once: what a max needs
-            best[documents] = 0
-            seen[documents] = True
-    candidates = np.flatnonzero(seen)
-    return candidates, total[candidates]
+    values, top = torch.topk(table, min(nprobe, count), dim=1)  # (tokens, probe), best first
+    kept = torch.ones_like(values, dtype=torch.bool) if threshold is None else values >= threshold
+    kept[:, 0] = True  # every query token keeps its best centroid
+    token = torch.nonzero(kept)[:, 0].cpu().numpy()  # token-major order
+    centroid, score = top[kept].cpu().numpy(), values[kept]
+    starts = part.list_offsets[centroid]
+    lengths = part.list_offsets[centroid + 1] - starts
+    documents = on(part.list_docs[ranges(starts, lengths)].astype("int64"), table.device)
+    entry_token = np.repeat(token, lengths)
+    entry_score = torch.repeat_interleave(score, on(lengths, table.device))
+    total = torch.zeros(part.documents, device=table.device)
+    seen = torch.zeros(part.documents, dtype=torch.bool, device=table.device)
+    step = max(1, GATHER_CELLS // max(part.documents, 1))
+    for first in range(0, tokens, step):
+        a, b = np.searchsorted(entry_token, [first, first + step])
+        if a == b:
+            continue
+        cells = on(entry_token[a:b] - first, table.device) * part.documents + documents[a:b]
+        grid = torch.full((min(step, tokens - first) * part.documents,), -torch.inf, device=table.device)
+        grid = grid.scatter_reduce_(0, cells, entry_score[a:b], "amax").view(-1, part.documents)
+        touched = grid > -torch.inf
+        total += torch.where(touched, grid, 0).sum(0)
+        seen |= touched.any(0)
+    candidates = torch.nonzero(seen).flatten()
+    return candidates.cpu().numpy(), total[candidates].cpu().numpy()
 
 
-def centroid_interaction(part: MultiVectorPart, table: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+def centroid_interaction(part: MultiVectorPart, table: torch.Tensor, candidates: np.ndarray) -> np.ndarray:
     """PLAID's approximate MaxSim: every vector of the candidates replaced by its centroid's scores."""
     lengths = part.offsets[candidates + 1] - part.offsets[candidates]
-    ids = np.asarray(part.centroid_ids[ranges(part.offsets[candidates], lengths)], "int64")
-    return maxsim_from_table(table, ids, lengths)
-
-
-def maxsim_from_table(table: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """MaxSim where each document vector's similarities are a column of `table` (query x centroid)."""
-    return summed_max(np.ascontiguousarray(table.T)[ids], lengths)
+    ids = on(part.centroid_ids[ranges(part.offsets[candidates], lengths)].astype("int64"), table.device)
+    return summed_max(table.T.contiguous()[ids], lengths)
 
 
 def train_centroids(vectors: np.ndarray, count: int) -> np.ndarray:

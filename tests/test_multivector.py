@@ -8,6 +8,7 @@ import faiss
 import ir_measures
 import numpy as np
 import pytest
+import torch
 from ir_measures import nDCG
 
 from sieve.index.beir import load_judged_queries
@@ -134,7 +135,8 @@ def test_similarities_without_decoding_equal_decoding_then_the_product(adi_index
         query = retriever.encode_queries(["computer indexing of library catalogues"])[0]
         positions = np.arange(0, part.vectors, 3)
         expected = part.decode(positions) @ query.T
-        got = part.similarities(query, query @ part.centroids.T, positions)
+        on_device = torch.from_numpy(query).to(part.device)
+        got = part.similarities(on_device, on_device @ part.centroids_on_device.T, positions).cpu().numpy()
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -222,7 +224,7 @@ def test_candidate_generation_scores_only_the_kept_centroids_lists(adi_index):
     retriever, part = adi_index(2, "none")
     query = retriever.encode_queries(["computer based information retrieval systems"])[0]
     table = query @ part.centroids.T
-    documents, approximate = prune_and_gather(part, table, nprobe=3, threshold=0.3)
+    documents, approximate = prune_and_gather(part, torch.from_numpy(table), nprobe=3, threshold=0.3)
     kept = {}
     for token, row in enumerate(table):
         best = np.argsort(-row)[:3]
