@@ -21,6 +21,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -143,7 +145,7 @@ def brute_force(vectors: torch.Tensor, lengths: torch.Tensor, query: np.ndarray,
 
 
 def speed(dataset: str, factors: list[int], compressions: list[str], cache: Path, scratch: Path,
-          queries: int) -> tuple[list, list]:
+          queries: int, peers: list[str]) -> tuple[list, list]:
     from sieve.index.multivector import prune_and_gather
 
     folder = DATASETS / dataset
@@ -166,19 +168,19 @@ def speed(dataset: str, factors: list[int], compressions: list[str], cache: Path
             started = time.perf_counter()
             found = brute_force(vectors, lengths, query, 100)
             brute.append((found, time.perf_counter() - started))
-        for k in (10, 100):
-            exact_runs = {q: {doc_ids[r]: float(s) for r, s in zip(rows_[:k], scores[:k])}
-                          for q, ((rows_, scores), _) in zip(qids, brute)}
-            exact_top = {q: set(rows_[:10].tolist()) for q, ((rows_, _), _) in zip(qids, brute)}
-            exact_seconds = [seconds for _, seconds in brute]
-            exact_ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, exact_runs)[nDCG @ 10]
-            for compression in compressions:
-                settings = CollectionSettings(indexes=("multivector",), pool_factor=factor, compression=compression)
-                retriever = MultiVectorRetriever(settings)
-                directory = Path(tempfile.mkdtemp(dir=scratch))
-                retriever.write(directory, batch)
-                part = retriever.open(directory)
-                gone = [np.zeros(0, "int64")]
+        exact_seconds = [seconds for _, seconds in brute]
+        for compression in compressions:  # each index is built once, then searched at both k
+            settings = CollectionSettings(indexes=("multivector",), pool_factor=factor, compression=compression)
+            retriever = MultiVectorRetriever(settings)
+            directory = Path(tempfile.mkdtemp(dir=scratch))
+            retriever.write(directory, batch)
+            part = retriever.open(directory)
+            gone = [np.zeros(0, "int64")]
+            for k in (10, 100):
+                exact_runs = {q: {doc_ids[r]: float(s) for r, s in zip(rows_[:k], scores[:k])}
+                              for q, ((rows_, scores), _) in zip(qids, brute)}
+                exact_top = {q: set(rows_[:10].tolist()) for q, ((rows_, _), _) in zip(qids, brute)}
+                exact_ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, exact_runs)[nDCG @ 10]
                 for name, overrides in SPEED_GRID.items():
                     knobs = SearchParams.of(settings, overrides)
                     run, ratios, seconds, agreement, gathered = {}, [], [], [], []
@@ -190,8 +192,7 @@ def speed(dataset: str, factors: list[int], compressions: list[str], cache: Path
                         run[qid] = {doc_ids[h.row]: h.score for h in hits}
                         agreement.append(len({h.row for h in hits[:10]} & exact_top[qid]) / 10)
                         table = torch.from_numpy(query).to(part.device) @ part.centroids_on_device.T
-                        gathered.append(len(prune_and_gather(part, table, knobs.nprobe,
-                                                             knobs.centroid_threshold)[0]))
+                        gathered.append(len(prune_and_gather(part, table, knobs.nprobe, knobs.centroid_threshold)[0]))
                     ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10]
                     rows.append({
                         "dataset": dataset, "pool_factor": factor, "k": k, "compression": compression,
@@ -207,32 +208,98 @@ def speed(dataset: str, factors: list[int], compressions: list[str], cache: Path
                         "documents": len(corpus),
                     })
                     print(json.dumps(rows[-1]), flush=True)
-                del part
-                shutil.rmtree(directory)
+            del part
+            shutil.rmtree(directory)
         fused_rows.append(fused_cost(dataset, corpus, judged, qids, query_vectors, batch, factor, scratch))
+        rows += peer_rows(dataset, factor, cache / f"{tag}-pool{factor}.npz", cache / f"{tag}-queries.npz", qids,
+                          qrels, doc_ids, scratch, peers)
     return rows, fused_rows
 
 
+PEER_PYTHONS = {"lancedb": sys.executable, "fast-plaid": str(Path(__file__).parents[1] / ".venv-fastplaid/bin/python")}
+
+
+def peer_rows(dataset: str, factor: int, pooled: Path, queries: Path, qids: list[str], qrels: dict,
+              doc_ids: list[str], scratch: Path, peers: list[str]) -> list[dict]:
+    """bench/multivector_peers.py for each peer and setting, in the peer's own interpreter (fast-plaid pins
+    its torch, so it has a virtual environment of its own), at k = 100 on the same vectors and queries, each
+    query timed against brute force in the peer's process; a peer that cannot run is reported, not hidden."""
+    rows = []
+    for peer in peers:
+        for setting in ("default", "fast"):
+            out = scratch / f"peer-{peer}-{setting}-{factor}.json"
+            command = [PEER_PYTHONS[peer], str(Path(__file__).with_name("multivector_peers.py")), "--peer", peer,
+                       "--setting", setting, "--pooled", str(pooled), "--queries", str(queries), "--k", "100",
+                       "--n-queries", str(len(qids)), "--threads", str(torch.get_num_threads()), "--out", str(out)]
+            try:
+                subprocess.run(command, check=True)
+            except (OSError, subprocess.CalledProcessError) as error:
+                rows.append({"dataset": dataset, "pool_factor": factor, "k": 100, "compression": peer,
+                             "setting": setting, "error": str(error)})
+                print(f"{peer} {setting} did not run: {error}", flush=True)
+                continue
+            found = json.loads(out.read_text())
+            per_query = found["per_query"]
+            run = {qid: {doc_ids[r]: float(s) for r, s in zip(q["rows"], q["scores"])} for qid, q in zip(qids, per_query)}
+            exact = {qid: {doc_ids[r]: float(s) for r, s in zip(q["exact_rows"], q["exact_scores"])}
+                     for qid, q in zip(qids, per_query)}
+            ndcg, exact_ndcg = (ir_measures.calc_aggregate([nDCG @ 10], qrels, r)[nDCG @ 10] for r in (run, exact))
+            rows.append({
+                "dataset": dataset, "pool_factor": factor, "k": 100, "compression": f"{peer} {found['version']}",
+                "setting": setting, "params": found["params"], "vectors": found["vectors"],
+                "bytes_per_vector": round(found["bytes_per_vector"], 1),
+                "p50_ms": found["summary"]["p50_peer_ms"], "exact_p50_ms": found["summary"]["p50_brute_ms"],
+                "p50_ratio_to_exact": found["summary"]["p50_ratio_peer_to_brute"],
+                "top10_agreement": found["summary"]["top10_agreement"], "ndcg@10": ndcg, "exact_ndcg@10": exact_ndcg,
+                "ndcg_ratio_to_exact": ndcg / exact_ndcg, "candidates_gathered_p50": float("nan"),
+                "candidates_rescored": "?", "scored_exactly": "?", "documents": found["documents"],
+                "build_s": found["build_s"],
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def fused_cost(dataset, corpus, judged, qids, query_vectors, batch: TokenBatch, factor: int, scratch: Path) -> dict:
-    """RRF(BM25, dense) against RRF(BM25, dense, MaxSim) through Collection.search, queries pre-encoded.
-    The dense vectors are the mean of each passage's token vectors (timing only: exact search costs the
-    same for any vectors)."""
+    """RRF(BM25, dense) against RRF(BM25, dense, MaxSim), paired per query, two ways: Collection.search
+    with the queries pre-encoded (the index work alone), and end to end through the engine from the text
+    (what a caller waits for: the query's encoding, which the dense and multi-vector indexes share, then
+    the search). The encoder's recent-query memo is emptied before each end-to-end search, so every one
+    pays its own forward pass. The dense vectors are the mean of each passage's token vectors (timing
+    only: exact search costs the same for any vectors)."""
+    from sieve.index.encoders import load_encoder
+    from sieve.service.engine import RerankOptions, SearchQuery
+    from sieve.service.sync_engine import SyncEngine
+
     dense = np.stack([mean_vector(batch.vectors[a:b]) for a, b in zip(batch.offsets[:-1], batch.offsets[1:])])
-    collection = prebuilt_collection(Path(tempfile.mkdtemp(dir=scratch)) / dataset, CollectionSettings(
-        indexes=("dense", "bm25", "multivector"), pool_factor=factor), corpus, {"dense": dense, "multivector": batch})
-    timings = {"without": [], "with": []}
-    for qid, query in zip(qids, query_vectors):
-        encoded = {"bm25": collection.encode_queries("bm25", [judged[qid]])[0], "dense": mean_vector(query),
-                   "multivector": query}
-        for label, names in (("without", ("bm25", "dense")), ("with", ("bm25", "dense", "multivector"))):
-            started = time.perf_counter()
-            collection.search({n: encoded[n] for n in names}, 10)
-            timings[label].append(time.perf_counter() - started)
-    shutil.rmtree(collection.directory.parent)
-    without, with_ = (1000 * float(np.median(timings[label])) for label in ("without", "with"))
-    return {"dataset": dataset, "pool_factor": factor, "fused_p50_ms_without_maxsim": without,
-            "fused_p50_ms_with_maxsim": with_, "ratio": with_ / without,
-            "paired_median_ratio": float(np.median(np.array(timings["with"]) / np.array(timings["without"])))}
+    data = Path(tempfile.mkdtemp(dir=scratch))
+    settings = CollectionSettings(indexes=("dense", "bm25", "multivector"), pool_factor=factor)
+    prebuilt_collection(data / dataset, settings, corpus, {"dense": dense, "multivector": batch}).close()
+    plans = {"without": ("bm25", "dense"), "with": ("bm25", "dense", "multivector")}
+    timings = {f"{way} {label}": [] for way in ("encoded", "text") for label in plans}
+    encoder = load_encoder(settings.encoder, settings.max_tokens)
+    with SyncEngine(data=str(data)) as engine:
+        collection = engine.collection(dataset)
+        for qid, query in tqdm(list(zip(qids, query_vectors)), desc=f"fused x{factor}"):
+            encoded = {"bm25": collection.encode_queries("bm25", [judged[qid]])[0], "dense": mean_vector(query),
+                       "multivector": query}
+            for label, names in plans.items():
+                started = time.perf_counter()
+                collection.search({n: encoded[n] for n in names}, 10)
+                timings[f"encoded {label}"].append(time.perf_counter() - started)
+                encoder.recent_queries.clear()
+                started = time.perf_counter()
+                engine.search(SearchQuery(dataset, judged[qid], k=10, retrievers=names,
+                                          rerank=RerankOptions(enabled=False)))
+                timings[f"text {label}"].append(time.perf_counter() - started)
+    shutil.rmtree(data)
+    row = {"dataset": dataset, "pool_factor": factor}
+    for way in ("encoded", "text"):
+        without, with_ = (np.array(timings[f"{way} {label}"]) for label in plans)
+        row[way] = {"p50_ms_without_maxsim": 1000 * float(np.median(without)),
+                    "p50_ms_with_maxsim": 1000 * float(np.median(with_)),
+                    "ratio": float(np.median(with_) / np.median(without)),
+                    "paired_median_ratio": float(np.median(with_ / without))}
+    return row
 
 
 def speed_markdown(rows: list[dict], fused: list[dict]) -> str:
@@ -242,16 +309,21 @@ def speed_markdown(rows: list[dict], fused: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['pool_factor']} | {r['k']} | {r['compression']} | {r['setting']} | did not run: {r['error']} |")
+            continue
         lines.append(
             f"| {r['pool_factor']} | {r['k']} | {r['compression']} | {r['setting']} | {r['p50_ms']:.1f} "
             f"| {r['exact_p50_ms']:.1f} | {r['p50_ratio_to_exact']:.3f} | {r['top10_agreement']:.3f} "
             f"| {r['ndcg@10']:.3f} | {r['ndcg_ratio_to_exact']:.3f} | {r['candidates_gathered_p50']:.0f} "
             f"| {r['candidates_rescored']} | {r['scored_exactly']} | {r['bytes_per_vector']} |")
-    lines += ["", "| pool factor | fused p50 ms, BM25 + dense | with MaxSim | ratio (p50s) | paired median ratio |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| pool factor | fused, queries | p50 ms, BM25 + dense | with MaxSim | ratio (p50s) | paired median ratio |",
+              "|---|---|---|---|---|---|"]
     for f in fused:
-        lines.append(f"| {f['pool_factor']} | {f['fused_p50_ms_without_maxsim']:.1f} | {f['fused_p50_ms_with_maxsim']:.1f} "
-                     f"| {f['ratio']:.2f} | {f['paired_median_ratio']:.2f} |")
+        for way, what in (("encoded", "pre-encoded (search only)"), ("text", "text, through the engine")):
+            r = f[way]
+            lines.append(f"| {f['pool_factor']} | {what} | {r['p50_ms_without_maxsim']:.1f} | {r['p50_ms_with_maxsim']:.1f} "
+                         f"| {r['ratio']:.2f} | {r['paired_median_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -261,19 +333,21 @@ def speed_plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "error" not in r]
     panels = list(dict.fromkeys((r["pool_factor"], r["k"]) for r in rows))
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for axis, (factor, k) in zip(axes[0], panels):
         for compression in dict.fromkeys(r["compression"] for r in rows):
             points = [r for r in rows if (r["pool_factor"], r["k"], r["compression"]) == (factor, k, compression)]
-            axis.plot([r["p50_ms"] for r in points], [r["ndcg_ratio_to_exact"] for r in points], "o", label=compression)
+            axis.plot([r["p50_ratio_to_exact"] for r in points], [r["ndcg_ratio_to_exact"] for r in points], "o",
+                      label=compression)
             for r in points:
-                axis.annotate(r["setting"], (r["p50_ms"], r["ndcg_ratio_to_exact"]), fontsize=7,
+                axis.annotate(r["setting"], (r["p50_ratio_to_exact"], r["ndcg_ratio_to_exact"]), fontsize=7,
                               textcoords="offset points", xytext=(3, 3))
-        exact = next(r for r in rows if (r["pool_factor"], r["k"]) == (factor, k))
-        axis.plot([exact["exact_p50_ms"]], [1.0], "k*", markersize=10, label="exact brute force")
+        axis.plot([1.0], [1.0], "k*", markersize=10, label="exact brute force")
+        axis.axvline(0.1, color="grey", linestyle=":", linewidth=1)
         axis.set_xscale("log")
-        axis.set_xlabel("p50 ms per query (log)")
+        axis.set_xlabel("p50 time / exact brute force, paired per query (log)")
         axis.set_ylabel("nDCG@10 / exact")
         axis.set_title(f"SciFact, pool factor {factor}, k={k}")
         axis.legend(fontsize=7)
@@ -332,6 +406,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "multivector")
     parser.add_argument("--speed", action="store_true", help="the index against exact brute force instead")
     parser.add_argument("--queries", type=int, default=300, help="--speed: the first this many test queries")
+    parser.add_argument("--peers", default="lancedb,fast-plaid",
+                        help="--speed: peers run by bench/multivector_peers.py (fast-plaid from .venv-fastplaid)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -342,7 +418,8 @@ def main() -> None:
     scratch.mkdir(exist_ok=True)
     compressions = args.compressions.split(",")
     if args.speed:
-        rows, fused = speed(args.grid_dataset, [2, 4], compressions, args.cache, scratch, args.queries)
+        rows, fused = speed(args.grid_dataset, [2, 4], compressions, args.cache, scratch, args.queries,
+                            [peer for peer in args.peers.split(",") if peer])
         out = RESULTS / "multivector_speed"
         out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rows": rows, "fused": fused}, indent=2))
         out.with_suffix(".md").write_text(speed_markdown(rows, fused))

@@ -297,3 +297,27 @@ def test_repeated_compactions_keep_codes_and_scores(tmp_path, corpus):
         MultiVectorRetriever(settings).token_vectors([d.content for d in corpus[:3]])).offsets))
     np.testing.assert_array_equal(codes(), first_codes[start + removed:])
     collection.close()
+
+
+def test_the_dense_and_multivector_indexes_share_one_forward_pass_per_query():
+    """A fused search encodes its text for both indexes of one encoder: the second representation comes
+    from the first's forward pass, and both equal what each would compute alone."""
+    from sieve.index.dense import DenseRetriever
+    from sieve.index.encoders import load_encoder
+
+    settings = CollectionSettings(indexes=("dense", "multivector"))
+    dense, multivector = DenseRetriever(settings), MultiVectorRetriever(settings)
+    encoder = load_encoder(settings.encoder, settings.max_tokens)
+    text = "the retrieval of documents by computer, shared encoder check"
+    passes = []
+    model_encode = encoder.model.encode
+    encoder.model.encode = lambda *args, **kwargs: passes.append(args[0]) or model_encode(*args, **kwargs)
+    try:
+        sentence = dense.encode_queries([text])[0]
+        tokens = multivector.encode_queries([text])[0]
+        assert len(passes) == 1
+    finally:
+        encoder.model.encode = model_encode
+    np.testing.assert_allclose(sentence, encoder.embed([text])[0], atol=1e-6)
+    np.testing.assert_allclose(tokens, multivector.token_vectors([text])[0], atol=1e-6)
+    assert np.linalg.norm(sentence) == pytest.approx(1, abs=1e-5)
