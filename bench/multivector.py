@@ -216,6 +216,7 @@ def speed(dataset: str, factors: list[int], compressions: list[str], cache: Path
     return rows, fused_rows
 
 
+PEER_SETTINGS = {"lancedb": ("default", "fast", "refine 2"), "fast-plaid": ("default", "fast", "faster")}
 PEER_PYTHONS = {"lancedb": sys.executable, "fast-plaid": str(Path(__file__).parents[1] / ".venv-fastplaid/bin/python")}
 
 
@@ -226,19 +227,20 @@ def peer_rows(dataset: str, factor: int, pooled: Path, queries: Path, qids: list
     query timed against brute force in the peer's process; a peer that cannot run is reported, not hidden."""
     rows = []
     for peer in peers:
-        for setting in ("default", "fast"):
-            out = scratch / f"peer-{peer}-{setting}-{factor}.json"
-            command = [PEER_PYTHONS[peer], str(Path(__file__).with_name("multivector_peers.py")), "--peer", peer,
-                       "--setting", setting, "--pooled", str(pooled), "--queries", str(queries), "--k", "100",
-                       "--n-queries", str(len(qids)), "--threads", str(torch.get_num_threads()), "--out", str(out)]
-            try:
-                subprocess.run(command, check=True)
-            except (OSError, subprocess.CalledProcessError) as error:
-                rows.append({"dataset": dataset, "pool_factor": factor, "k": 100, "compression": peer,
-                             "setting": setting, "error": str(error)})
-                print(f"{peer} {setting} did not run: {error}", flush=True)
-                continue
-            found = json.loads(out.read_text())
+        settings = PEER_SETTINGS[peer]
+        out = scratch / f"peer-{peer}-{factor}-{{setting}}.json"
+        command = [PEER_PYTHONS[peer], str(Path(__file__).with_name("multivector_peers.py")), "--peer", peer,
+                   "--settings", ",".join(settings), "--pooled", str(pooled), "--queries", str(queries), "--k", "100",
+                   "--n-queries", str(len(qids)), "--threads", str(torch.get_num_threads()), "--out", str(out)]
+        try:
+            subprocess.run(command, check=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            rows.append({"dataset": dataset, "pool_factor": factor, "k": 100, "compression": peer,
+                         "setting": ",".join(settings), "error": str(error)})
+            print(f"{peer} did not run: {error}", flush=True)
+            continue
+        for setting in settings:
+            found = json.loads(Path(str(out).replace("{setting}", setting)).read_text())
             per_query = found["per_query"]
             run = {qid: {doc_ids[r]: float(s) for r, s in zip(q["rows"], q["scores"])} for qid, q in zip(qids, per_query)}
             exact = {qid: {doc_ids[r]: float(s) for r, s in zip(q["exact_rows"], q["exact_scores"])}
