@@ -95,7 +95,8 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def maxsim(query: np.ndarray, vectors: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """MaxSim of one query against consecutive documents of `lengths` vectors each (all > 0)."""
-    return summed_max(torch.from_numpy(vectors) @ torch.from_numpy(query).T, lengths)
+    cpu = torch.device("cpu")
+    return summed_max(on(vectors, cpu).float() @ on(query, cpu).float().T, lengths)
 
 
 def summed_max(similarities: torch.Tensor, lengths: np.ndarray) -> np.ndarray:
