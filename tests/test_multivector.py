@@ -216,12 +216,17 @@ def test_collection_deletes_and_compaction(tmp_path, corpus):
 
 
 # PLAID-like search ---------------------------------------------------------------------------------
-def test_candidate_generation_scores_only_the_kept_centroids_lists(adi_index):
+@pytest.mark.parametrize("tokens_at_once", ["all", "one"])
+def test_candidate_generation_scores_only_the_kept_centroids_lists(adi_index, monkeypatch, tokens_at_once):
     """The scatter-max over inverted lists equals, per document, the sum over query tokens of the best
-    kept centroid the document has a vector in (written out as loops here)."""
+    kept centroid the document has a vector in (written out as loops here), whether the (tokens x documents)
+    grid holds every query token or, as in a large segment, one at a time."""
+    from sieve.index import multivector
     from sieve.index.multivector import prune_and_gather
 
     retriever, part = adi_index(2, "none")
+    if tokens_at_once == "one":
+        monkeypatch.setattr(multivector, "GATHER_CELLS", part.documents)
     query = retriever.encode_queries(["computer based information retrieval systems"])[0]
     table = query @ part.centroids.T
     documents, approximate = prune_and_gather(part, torch.from_numpy(table), nprobe=3, threshold=0.3)
