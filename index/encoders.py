@@ -4,10 +4,9 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RECENT_QUERIES = 64  # query encodings an Encoder keeps, so that its indexes share one forward pass
