@@ -49,10 +49,6 @@ from sieve.service.router import shard_addresses, shard_of
 log = logging.getLogger("sieve.ray")
 
 STAGES = ("read", "prune", "encode", "pool", "build")
-# The light stages hold no CPUs (num_cpus=0) and share the encoders' cores: a lower OS priority lets them fill
-# the encoders' idle moments instead of preempting a multi-threaded forward pass (whose threads then wait
-# for each other).
-LIGHT_STAGE_NICENESS = 10
 
 
 @dataclass
@@ -161,7 +157,6 @@ class Prune:
     """Validation with the writer's limits, then quality pruning (its model loaded once per actor)."""
 
     def __init__(self, settings: dict, max_docs: int, max_chars: int):
-        os.nice(LIGHT_STAGE_NICENESS)
         self.settings = CollectionSettings.from_dict(settings)
         self.limits = (max_docs, max_chars)
 
@@ -203,7 +198,6 @@ class Build:
     An actor, so the retrievers are made once per worker rather than once per batch."""
 
     def __init__(self, settings: dict, folder: str):
-        os.nice(LIGHT_STAGE_NICENESS)
         self.settings = CollectionSettings.from_dict(settings)
         self.retrievers = make_retrievers(self.settings)
         self.folder = folder
