@@ -101,7 +101,7 @@ def maxsim(query: np.ndarray, vectors: np.ndarray, lengths: np.ndarray) -> np.nd
 
 def summed_max(similarities: torch.Tensor, lengths: np.ndarray) -> np.ndarray:
     """MaxSim from (vectors, query tokens) similarities of consecutive documents of `lengths` vectors each."""
-    lengths = torch.from_numpy(np.asarray(lengths, "int64")).to(similarities.device)
+    lengths = on(np.asarray(lengths, "int64"), similarities.device)
     return torch.segment_reduce(similarities, "max", lengths=lengths, axis=0).sum(1).cpu().numpy()
 
 
