@@ -405,7 +405,8 @@ def main() -> None:
     parser.add_argument("--compressions", default="none,residual")
     parser.add_argument("--cache", type=Path, default=cache_dir("mv"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS / "multivector")
+    parser.add_argument("--out", type=Path, help="results path without suffix (default: bench/results/multivector, "
+                        "or multivector_speed with --speed)")
     parser.add_argument("--speed", action="store_true", help="the index against exact brute force instead")
     parser.add_argument("--queries", type=int, default=300, help="--speed: the first this many test queries")
     parser.add_argument("--peers", default="lancedb,fast-plaid",
@@ -415,19 +416,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = args.cache / "scratch"
     scratch.mkdir(exist_ok=True)
     compressions = args.compressions.split(",")
     if args.speed:
         rows, fused = speed(args.grid_dataset, [2, 4], compressions, args.cache, scratch, args.queries,
                             [peer for peer in args.peers.split(",") if peer])
-        out = RESULTS / "multivector_speed"
+        out = args.out or RESULTS / "multivector_speed"
         out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rows": rows, "fused": fused}, indent=2))
         out.with_suffix(".md").write_text(speed_markdown(rows, fused))
         speed_plot(rows, out.with_suffix(".png"))
         print(speed_markdown(rows, fused))
         return
+    args.out = args.out or RESULTS / "multivector"
     plan = [(args.grid_dataset, [int(f) for f in args.factors.split(",")])]
     plan += [(dataset, [int(f) for f in args.other_factors.split(",")]) for dataset in args.others.split(",") if dataset]
 
