@@ -12,8 +12,8 @@ pool factor 1 with the same compression.
 --speed (bench/results/multivector_speed.*): SciFact at pool factors 2 and 4, k = 10 and 100, one query
 at a time; for each search setting, per query, Sieve's search time over exact brute-force MaxSim in
 torch (fp32, in memory, the same pooled vectors), top-10 agreement with it, nDCG@10 of both, documents
-rescored and scored exactly; and the fused first stage (BM25 + dense [+ MaxSim], queries pre-encoded)
-with and without MaxSim.
+rescored and scored exactly; and the fused first stage (BM25 + dense [+ MaxSim]) with and without MaxSim,
+per compression, queries pre-encoded and end to end from the text (`--fused-only`: that alone).
 """
 from __future__ import annotations
 
@@ -145,9 +145,7 @@ def brute_force(vectors: torch.Tensor, lengths: torch.Tensor, query: np.ndarray,
 
 
 def speed(dataset: str, factors: list[int], compressions: list[str], cache: Path, scratch: Path,
-          queries: int, peers: list[str]) -> tuple[list, list]:
-    from sieve.index.multivector import prune_and_gather
-
+          queries: int, peers: list[str], fused_only: bool = False) -> tuple[list, list]:
     folder = DATASETS / dataset
     corpus = [d for d in read_jsonl(folder / "corpus.jsonl") if isinstance(d, Document)]
     judged, qrels = load_judged_queries(folder)
@@ -162,58 +160,70 @@ def speed(dataset: str, factors: list[int], compressions: list[str], cache: Path
     for factor in factors:
         batch = cached_pooled(cache / f"{tag}-pool{factor}.npz", tokens,
                               MultiVectorRetriever(CollectionSettings(indexes=("multivector",), pool_factor=factor)))
-        vectors, lengths = torch.from_numpy(batch.vectors), torch.from_numpy(batch.lengths)
-        brute = []  # the top 100 of each query; its time is the same for k = 10 (one pass either way)
-        for query in tqdm(query_vectors, desc=f"brute force x{factor}"):
-            started = time.perf_counter()
-            found = brute_force(vectors, lengths, query, 100)
-            brute.append((found, time.perf_counter() - started))
-        exact_seconds = [seconds for _, seconds in brute]
-        for compression in compressions:  # each index is built once, then searched at both k
-            settings = CollectionSettings(indexes=("multivector",), pool_factor=factor, compression=compression)
-            retriever = MultiVectorRetriever(settings)
-            directory = Path(tempfile.mkdtemp(dir=scratch))
-            retriever.write(directory, batch)
-            part = retriever.open(directory)
-            gone = [np.zeros(0, "int64")]
-            for k in (10, 100):
-                exact_runs = {q: {doc_ids[r]: float(s) for r, s in zip(rows_[:k], scores[:k])}
-                              for q, ((rows_, scores), _) in zip(qids, brute)}
-                exact_top = {q: set(rows_[:10].tolist()) for q, ((rows_, _), _) in zip(qids, brute)}
-                exact_ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, exact_runs)[nDCG @ 10]
-                for name, overrides in SPEED_GRID.items():
-                    knobs = SearchParams.of(settings, overrides)
-                    run, ratios, seconds, agreement, gathered = {}, [], [], [], []
-                    for qid, query, brute_s in zip(qids, query_vectors, exact_seconds):
-                        started = time.perf_counter()
-                        hits = retriever.search([part], gone, query, k, overrides)
-                        seconds.append(time.perf_counter() - started)
-                        ratios.append(seconds[-1] / brute_s)
-                        run[qid] = {doc_ids[h.row]: h.score for h in hits}
-                        agreement.append(len({h.row for h in hits[:10]} & exact_top[qid]) / 10)
-                        table = torch.from_numpy(query).to(part.device) @ part.centroids_on_device.T
-                        gathered.append(len(prune_and_gather(part, table, knobs.nprobe, knobs.centroid_threshold)[0]))
-                    ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10]
-                    rows.append({
-                        "dataset": dataset, "pool_factor": factor, "k": k, "compression": compression,
-                        "setting": name, "params": vars(knobs), "vectors": part.vectors,
-                        "bytes_per_vector": part.code_bytes(),
-                        "p50_ms": 1000 * float(np.median(seconds)), "exact_p50_ms": 1000 * float(np.median(exact_seconds)),
-                        "p50_ratio_to_exact": float(np.median(ratios)),
-                        "top10_agreement": float(np.mean(agreement)), "ndcg@10": ndcg, "exact_ndcg@10": exact_ndcg,
-                        "ndcg_ratio_to_exact": ndcg / exact_ndcg,
-                        "candidates_gathered_p50": float(np.median(gathered)),
-                        "candidates_rescored": min(max(knobs.candidates, knobs.exact_candidates, k), len(corpus)),
-                        "scored_exactly": min(max(knobs.exact_candidates, k), len(corpus)),
-                        "documents": len(corpus),
-                    })
-                    print(json.dumps(rows[-1]), flush=True)
-            del part
-            shutil.rmtree(directory)
-        fused_rows.append(fused_cost(dataset, corpus, judged, qids, query_vectors, batch, factor, scratch))
-        rows += peer_rows(dataset, factor, cache / f"{tag}-pool{factor}.npz", cache / f"{tag}-queries.npz", qids,
-                          qrels, doc_ids, scratch, peers)
+        if not fused_only:
+            rows += search_rows(dataset, factor, compressions, batch, query_vectors, qids, qrels, doc_ids, scratch)
+            rows += peer_rows(dataset, factor, cache / f"{tag}-pool{factor}.npz", cache / f"{tag}-queries.npz", qids,
+                              qrels, doc_ids, scratch, peers)
+        fused_rows += [fused_cost(dataset, corpus, judged, qids, query_vectors, batch, factor, compression, scratch)
+                       for compression in compressions]
     return rows, fused_rows
+
+
+def search_rows(dataset: str, factor: int, compressions: list[str], batch: TokenBatch, query_vectors, qids, qrels,
+                doc_ids: list[str], scratch: Path) -> list[dict]:
+    """Every SPEED_GRID setting of each compression at k = 10 and 100, each query paired with brute force."""
+    from sieve.index.multivector import prune_and_gather
+
+    rows = []
+    vectors, lengths = torch.from_numpy(batch.vectors), torch.from_numpy(batch.lengths)
+    brute = []  # the top 100 of each query; its time is the same for k = 10 (one pass either way)
+    for query in tqdm(query_vectors, desc=f"brute force x{factor}"):
+        started = time.perf_counter()
+        found = brute_force(vectors, lengths, query, 100)
+        brute.append((found, time.perf_counter() - started))
+    exact_seconds = [seconds for _, seconds in brute]
+    for compression in compressions:  # each index is built once, then searched at both k
+        settings = CollectionSettings(indexes=("multivector",), pool_factor=factor, compression=compression)
+        retriever = MultiVectorRetriever(settings)
+        directory = Path(tempfile.mkdtemp(dir=scratch))
+        retriever.write(directory, batch)
+        part = retriever.open(directory)
+        gone = [np.zeros(0, "int64")]
+        for k in (10, 100):
+            exact_runs = {q: {doc_ids[r]: float(s) for r, s in zip(rows_[:k], scores[:k])}
+                          for q, ((rows_, scores), _) in zip(qids, brute)}
+            exact_top = {q: set(rows_[:10].tolist()) for q, ((rows_, _), _) in zip(qids, brute)}
+            exact_ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, exact_runs)[nDCG @ 10]
+            for name, overrides in SPEED_GRID.items():
+                knobs = SearchParams.of(settings, overrides)
+                run, ratios, seconds, agreement, gathered = {}, [], [], [], []
+                for qid, query, brute_s in zip(qids, query_vectors, exact_seconds):
+                    started = time.perf_counter()
+                    hits = retriever.search([part], gone, query, k, overrides)
+                    seconds.append(time.perf_counter() - started)
+                    ratios.append(seconds[-1] / brute_s)
+                    run[qid] = {doc_ids[h.row]: h.score for h in hits}
+                    agreement.append(len({h.row for h in hits[:10]} & exact_top[qid]) / 10)
+                    table = torch.from_numpy(query).to(part.device) @ part.centroids_on_device.T
+                    gathered.append(len(prune_and_gather(part, table, knobs.nprobe, knobs.centroid_threshold)[0]))
+                ndcg = ir_measures.calc_aggregate([nDCG @ 10], qrels, run)[nDCG @ 10]
+                rows.append({
+                    "dataset": dataset, "pool_factor": factor, "k": k, "compression": compression,
+                    "setting": name, "params": vars(knobs), "vectors": part.vectors,
+                    "bytes_per_vector": part.code_bytes(),
+                    "p50_ms": 1000 * float(np.median(seconds)), "exact_p50_ms": 1000 * float(np.median(exact_seconds)),
+                    "p50_ratio_to_exact": float(np.median(ratios)),
+                    "top10_agreement": float(np.mean(agreement)), "ndcg@10": ndcg, "exact_ndcg@10": exact_ndcg,
+                    "ndcg_ratio_to_exact": ndcg / exact_ndcg,
+                    "candidates_gathered_p50": float(np.median(gathered)),
+                    "candidates_rescored": min(max(knobs.candidates, knobs.exact_candidates, k), len(doc_ids)),
+                    "scored_exactly": min(max(knobs.exact_candidates, k), len(doc_ids)),
+                    "documents": len(doc_ids),
+                })
+                print(json.dumps(rows[-1]), flush=True)
+        del part
+        shutil.rmtree(directory)
+    return rows
 
 
 PEER_SETTINGS = {"lancedb": ("default", "fast", "refine 2"), "fast-plaid": ("default", "fast", "faster")}
@@ -261,7 +271,8 @@ def peer_rows(dataset: str, factor: int, pooled: Path, queries: Path, qids: list
     return rows
 
 
-def fused_cost(dataset, corpus, judged, qids, query_vectors, batch: TokenBatch, factor: int, scratch: Path) -> dict:
+def fused_cost(dataset, corpus, judged, qids, query_vectors, batch: TokenBatch, factor: int, compression: str,
+               scratch: Path) -> dict:
     """RRF(BM25, dense) against RRF(BM25, dense, MaxSim), paired per query, two ways: Collection.search
     with the queries pre-encoded (the index work alone), and end to end through the engine from the text
     (what a caller waits for: the query's encoding, which the dense and multi-vector indexes share, then
@@ -274,7 +285,7 @@ def fused_cost(dataset, corpus, judged, qids, query_vectors, batch: TokenBatch, 
 
     dense = np.stack([mean_vector(batch.vectors[a:b]) for a, b in zip(batch.offsets[:-1], batch.offsets[1:])])
     data = Path(tempfile.mkdtemp(dir=scratch))
-    settings = CollectionSettings(indexes=("dense", "bm25", "multivector"), pool_factor=factor)
+    settings = CollectionSettings(indexes=("dense", "bm25", "multivector"), pool_factor=factor, compression=compression)
     prebuilt_collection(data / dataset, settings, corpus, {"dense": dense, "multivector": batch}).close()
     plans = {"without": ("bm25", "dense"), "with": ("bm25", "dense", "multivector")}
     timings = {f"{way} {label}": [] for way in ("encoded", "text") for label in plans}
@@ -294,7 +305,7 @@ def fused_cost(dataset, corpus, judged, qids, query_vectors, batch: TokenBatch, 
                                           rerank=RerankOptions(enabled=False)))
                 timings[f"text {label}"].append(time.perf_counter() - started)
     shutil.rmtree(data)
-    row = {"dataset": dataset, "pool_factor": factor}
+    row = {"dataset": dataset, "pool_factor": factor, "compression": compression}
     for way in ("encoded", "text"):
         without, with_ = (np.array(timings[f"{way} {label}"]) for label in plans)
         row[way] = {"p50_ms_without_maxsim": 1000 * float(np.median(without)),
@@ -319,12 +330,13 @@ def speed_markdown(rows: list[dict], fused: list[dict]) -> str:
             f"| {r['exact_p50_ms']:.1f} | {r['p50_ratio_to_exact']:.3f} | {r['top10_agreement']:.3f} "
             f"| {r['ndcg@10']:.3f} | {r['ndcg_ratio_to_exact']:.3f} | {r['candidates_gathered_p50']:.0f} "
             f"| {r['candidates_rescored']} | {r['scored_exactly']} | {r['bytes_per_vector']} |")
-    lines += ["", "| pool factor | fused, queries | p50 ms, BM25 + dense | with MaxSim | ratio (p50s) | paired median ratio |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| pool factor | compression | fused, queries | p50 ms, BM25 + dense | with MaxSim | ratio (p50s) "
+              "| paired median ratio |", "|---|---|---|---|---|---|---|"]
     for f in fused:
         for way, what in (("encoded", "pre-encoded (search only)"), ("text", "text, through the engine")):
             r = f[way]
-            lines.append(f"| {f['pool_factor']} | {what} | {r['p50_ms_without_maxsim']:.1f} | {r['p50_ms_with_maxsim']:.1f} "
+            lines.append(f"| {f['pool_factor']} | {f.get('compression', 'residual')} | {what} "
+                         f"| {r['p50_ms_without_maxsim']:.1f} | {r['p50_ms_with_maxsim']:.1f} "
                          f"| {r['ratio']:.2f} | {r['paired_median_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -409,6 +421,8 @@ def main() -> None:
                         "or multivector_speed with --speed)")
     parser.add_argument("--speed", action="store_true", help="the index against exact brute force instead")
     parser.add_argument("--queries", type=int, default=300, help="--speed: the first this many test queries")
+    parser.add_argument("--fused-only", action="store_true",
+                        help="--speed: only the fused first stage's cost with and without MaxSim, per compression")
     parser.add_argument("--peers", default="lancedb,fast-plaid",
                         help="--speed: peers run by bench/multivector_peers.py (fast-plaid from .venv-fastplaid)")
     args = parser.parse_args()
@@ -421,11 +435,12 @@ def main() -> None:
     compressions = args.compressions.split(",")
     if args.speed:
         rows, fused = speed(args.grid_dataset, [2, 4], compressions, args.cache, scratch, args.queries,
-                            [peer for peer in args.peers.split(",") if peer])
+                            [peer for peer in args.peers.split(",") if peer], args.fused_only)
         out = args.out or RESULTS / "multivector_speed"
         out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rows": rows, "fused": fused}, indent=2))
         out.with_suffix(".md").write_text(speed_markdown(rows, fused))
-        speed_plot(rows, out.with_suffix(".png"))
+        if rows:  # --fused-only has no search rows to plot
+            speed_plot(rows, out.with_suffix(".png"))
         print(speed_markdown(rows, fused))
         return
     args.out = args.out or RESULTS / "multivector"

@@ -3,7 +3,8 @@
 The pre-ranker (rankers/pre_ranker.py) distilled from the main model's final scores on `--pseudo-queries`
 pseudo-queries x `--depth` first-stage candidates of SciFact; then, on the first `--queries` SciFact test
 queries' RRF(BM25, dense) top 100, the share of the main model's top 10 that lands in the pre-ranker's top
-N, against the first stage's own order. No timing: recall is what decides whether a cut can pay.
+N, against the first stage's own order and the reciprocal-rank fusion of both. No timing: recall is what
+decides whether a cut can pay.
 
     python -m bench.pre_ranker_recall          # about 20 minutes on 2 cores; prints one JSON line per ranking
 """
@@ -67,6 +68,21 @@ def main() -> None:
     orders = [torch.argsort(pre.scores(q, p), descending=True).tolist() for q, p in test]
     print(json.dumps({"ranking": "pre-ranker", "pseudo_queries": args.pseudo_queries, "depth": args.depth,
                       "training": record, "recall_of_top10_within": recall_at_cuts(orders, test_finals)}), flush=True)
+    # Both orders know something the other does not: does a cut on their reciprocal-rank fusion keep more?
+    fused = [rrf(order, RRF_K) for order in orders]
+    print(json.dumps({"ranking": f"RRF(pre-ranker, first stage), k={RRF_K}",
+                      "recall_of_top10_within": recall_at_cuts(fused, test_finals)}), flush=True)
+
+
+RRF_K = 60
+
+
+def rrf(order: list[int], k: int) -> list[int]:
+    """Candidates (first-stage positions) by 1/(k + rank) summed over `order` and the first stage's own order."""
+    score = np.zeros(len(order))
+    score[order] += 1 / (k + np.arange(1, len(order) + 1))
+    score += 1 / (k + np.arange(1, len(order) + 1))
+    return np.argsort(-score, kind="stable").tolist()
 
 
 if __name__ == "__main__":

@@ -59,17 +59,21 @@ class Encoder:
         fused search asks the dense and the multi-vector index of a collection, which share this encoder,
         for the same text, and the second finds the first's pass among the recent queries."""
         with self.lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self.recent_queries))
+            found = {text: self.recent_queries[text] for text in texts if text in self.recent_queries}
+            missing = [text for text in dict.fromkeys(texts) if text not in found]
             if missing:
                 with torch.inference_mode():
                     outputs = self.model.encode(missing, batch_size=64, output_value=None)
                 for text, output in zip(missing, outputs):
                     sentence = output["sentence_embedding"].float().cpu().numpy()
                     sentence /= max(float(np.linalg.norm(sentence)), 1e-12)
-                    self.recent_queries[text] = (sentence, output["token_embeddings"].float().cpu().numpy())
-                    while len(self.recent_queries) > RECENT_QUERIES:
-                        self.recent_queries.popitem(last=False)
-            return [self.recent_queries[text] for text in texts]
+                    found[text] = (sentence, output["token_embeddings"].float().cpu().numpy())
+            for text, encoded in found.items():  # the memo keeps the most recent; this call answers from `found`
+                self.recent_queries[text] = encoded
+                self.recent_queries.move_to_end(text)
+            while len(self.recent_queries) > RECENT_QUERIES:
+                self.recent_queries.popitem(last=False)
+            return [found[text] for text in texts]
 
 
 def loaded_once(maxsize: int = 8):

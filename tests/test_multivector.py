@@ -326,3 +326,20 @@ def test_the_dense_and_multivector_indexes_share_one_forward_pass_per_query():
     np.testing.assert_allclose(sentence, encoder.embed([text])[0], atol=1e-6)
     np.testing.assert_allclose(tokens, multivector.token_vectors([text])[0], atol=1e-6)
     assert np.linalg.norm(sentence) == pytest.approx(1, abs=1e-5)
+
+
+def test_query_batches_larger_than_the_recent_query_memo_are_encoded_whole():
+    """A batch of more texts than the memo holds (first-stage runs over hundreds of queries) answers every
+    text in order, repeats included, each as encoding it alone gives; the memo keeps only the newest."""
+    from sieve.index.dense import DenseRetriever
+    from sieve.index.encoders import RECENT_QUERIES, load_encoder
+
+    settings = CollectionSettings(indexes=("dense",))
+    encoder = load_encoder(settings.encoder, settings.max_tokens)
+    texts = [f"query number {i} about cells" for i in range(RECENT_QUERIES + 6)]
+    texts.append(texts[0])  # evicted from the memo by this very batch before it is answered
+    vectors = DenseRetriever(settings).encode_queries(texts)
+    assert len(vectors) == len(texts)
+    np.testing.assert_allclose(np.stack(vectors[:3] + vectors[-1:]), encoder.embed(texts[:3] + texts[-1:]), atol=1e-5)
+    np.testing.assert_array_equal(vectors[0], vectors[-1])
+    assert len(encoder.recent_queries) == RECENT_QUERIES and texts[-2] in encoder.recent_queries
