@@ -330,6 +330,7 @@ def speed_markdown(rows: list[dict], fused: list[dict]) -> str:
             f"| {r['exact_p50_ms']:.1f} | {r['p50_ratio_to_exact']:.3f} | {r['top10_agreement']:.3f} "
             f"| {r['ndcg@10']:.3f} | {r['ndcg_ratio_to_exact']:.3f} | {r['candidates_gathered_p50']:.0f} "
             f"| {r['candidates_rescored']} | {r['scored_exactly']} | {r['bytes_per_vector']} |")
+    lines = lines if rows else []  # --fused-only
     lines += ["", "| pool factor | compression | fused, queries | p50 ms, BM25 + dense | with MaxSim | ratio (p50s) "
               "| paired median ratio |", "|---|---|---|---|---|---|---|"]
     for f in fused:
