@@ -18,6 +18,7 @@ import torch
 
 from sieve.index.beir import cache_dir, passage_text
 from sieve.index.documents import Document
+from sieve.index.fusion import reciprocal_rank
 from sieve.rankers.exit_heads import observe, pseudo_queries
 from sieve.rankers.first_stage import FirstStage
 from sieve.rankers.pre_ranker import train_pre_ranker
@@ -69,21 +70,15 @@ def main() -> None:
     print(json.dumps({"ranking": "pre-ranker", "pseudo_queries": args.pseudo_queries, "depth": args.depth,
                       "training": record, "recall_of_top10_within": recall_at_cuts(orders, test_finals)}), flush=True)
     # Both orders know something the other does not: does a cut on their reciprocal-rank fusion keep more?
-    fused = [rrf(order, RRF_K) for order in orders]
+    # (The first stage's order goes in first, so ties keep its order.)
+    fused = [[position for position, _ in reciprocal_rank({"first stage": [(i, 0) for i in range(len(order))],
+                                                           "pre-ranker": [(i, 0) for i in order]}, RRF_K)]
+             for order in orders]
     print(json.dumps({"ranking": f"RRF(pre-ranker, first stage), k={RRF_K}",
                       "recall_of_top10_within": recall_at_cuts(fused, test_finals)}), flush=True)
 
 
 RRF_K = 60
-
-
-def rrf(order: list[int], k: int) -> list[int]:
-    """Candidates (first-stage positions) by 1/(k + rank) summed over `order` and the first stage's own order."""
-    score = np.zeros(len(order))
-    score[order] += 1 / (k + np.arange(1, len(order) + 1))
-    score += 1 / (k + np.arange(1, len(order) + 1))
-    return np.argsort(-score, kind="stable").tolist()
-
 
 if __name__ == "__main__":
     main()
