@@ -67,7 +67,9 @@ class Encoder:
                 for text, output in zip(missing, outputs):
                     sentence = output["sentence_embedding"].float().cpu().numpy()
                     sentence /= max(float(np.linalg.norm(sentence)), 1e-12)
-                    found[text] = (sentence, output["token_embeddings"].float().cpu().numpy())
+                    # a batch pads its shorter texts: their padding positions are not query tokens
+                    tokens = output["token_embeddings"][output["attention_mask"].bool()]
+                    found[text] = (sentence, tokens.float().cpu().numpy())
             for text, encoded in found.items():  # the memo keeps the most recent; this call answers from `found`
                 self.recent_queries[text] = encoded
                 self.recent_queries.move_to_end(text)

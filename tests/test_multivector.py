@@ -343,3 +343,19 @@ def test_query_batches_larger_than_the_recent_query_memo_are_encoded_whole():
     np.testing.assert_allclose(np.stack(vectors[:3] + vectors[-1:]), encoder.embed(texts[:3] + texts[-1:]), atol=1e-5)
     np.testing.assert_array_equal(vectors[0], vectors[-1])
     assert len(encoder.recent_queries) == RECENT_QUERIES and texts[-2] in encoder.recent_queries
+
+
+def test_a_query_batched_with_longer_ones_keeps_only_its_own_tokens():
+    """The service encodes concurrent queries in one micro-batch, which pads the shorter texts: a query's
+    multi-vector representation (and so its MaxSim scores) must not depend on its batch-mates."""
+    from sieve.index.encoders import load_encoder
+
+    settings = CollectionSettings(indexes=("multivector",))
+    retriever = MultiVectorRetriever(settings)
+    short, long = "cell growth", "a much longer question about how proteins fold inside living cells over time"
+    load_encoder(settings.encoder, settings.max_tokens).recent_queries.clear()
+    batched = retriever.encode_queries([short, long])
+    load_encoder(settings.encoder, settings.max_tokens).recent_queries.clear()
+    alone = retriever.encode_queries([short])[0]
+    assert batched[0].shape == alone.shape == retriever.token_vectors([short])[0].shape
+    np.testing.assert_allclose(batched[0], alone, atol=1e-5)
