@@ -65,6 +65,8 @@ OPQ_ITERATIONS = 20
 PQ_BITS = (10, 9, 8)  # bits a sub-quantiser code, the most the budget allows (2**10 <= PQ_MIN_VECTORS: codebooks train)
 SEED = 1234
 SEARCH_DEVICE = torch.device(device())
+# Float16 vectors scored a block at a time on a CPU (1,024 measured fastest); a GPU takes them all at once
+BLOCK_VECTORS = 1 << 10 if SEARCH_DEVICE.type == "cpu" else 1 << 30
 GATHER_CELLS = 1 << 22  # (query tokens x documents) scores candidate generation holds at once (16 MB)
 
 
@@ -100,9 +102,13 @@ def maxsim(query: np.ndarray, vectors: np.ndarray, lengths: np.ndarray) -> np.nd
 
 
 def summed_max(similarities: torch.Tensor, lengths: np.ndarray) -> np.ndarray:
-    """MaxSim from (vectors, query tokens) similarities of consecutive documents of `lengths` vectors each."""
+    """MaxSim from (vectors, query tokens) similarities of consecutive documents of `lengths` vectors each.
+    A scatter-max by owning document: on a CPU 4x faster than torch.segment_reduce over the same rows."""
     lengths = on(np.asarray(lengths, "int64"), similarities.device)
-    return torch.segment_reduce(similarities, "max", lengths=lengths, axis=0).sum(1).cpu().numpy()
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=similarities.device), lengths)
+    best = torch.full((len(lengths), similarities.shape[1]), -torch.inf, device=similarities.device)
+    best.scatter_reduce_(0, owner[:, None].expand_as(similarities), similarities, "amax")
+    return best.sum(1).cpu().numpy()
 
 
 def on(array: np.ndarray, where: torch.device) -> torch.Tensor:
@@ -176,8 +182,12 @@ class MultiVectorPart:
         device, what decode() then a product would give, for less: <q, c + R'r> = <q, c> + <Rq, r>, so the
         rotation R moves onto the few query tokens (not the many document vectors: 384 x 384 a vector) and
         <q, c> is the centroid score `table` (query x centroid) already holds."""
-        if self.codec == "none":  # float16 rows; torch widens them several times faster than numpy
-            return on(self.payload[positions], query.device).float() @ query.T
+        if self.codec == "none":  # float16 rows, widened by torch (several times faster than numpy) and
+            out = torch.empty((len(positions), len(query)), device=query.device)  # multiplied while in cache,
+            for start in range(0, len(positions), BLOCK_VECTORS):  # query-major (faster for odd token counts)
+                rows = positions[start:start + BLOCK_VECTORS]
+                out[start:start + len(rows)] = (query @ on(self.payload[rows], query.device).float().T).T
+            return out
         rotated = query
         if self.rotation is not None:
             rotated = on(self.rotation.apply(np.ascontiguousarray(query.cpu().numpy())), query.device)
