@@ -65,7 +65,7 @@ OPQ_ITERATIONS = 20
 PQ_BITS = (10, 9, 8)  # bits a sub-quantiser code, the most the budget allows (2**10 <= PQ_MIN_VECTORS: codebooks train)
 SEED = 1234
 SEARCH_DEVICE = torch.device(device())
-# Float16 vectors scored a block at a time on a CPU (1,024 measured fastest); a GPU takes them all at once
+# Stored vectors scored a block at a time on a CPU (1,024 measured fastest); a GPU takes them all at once
 BLOCK_VECTORS = 1 << 10 if SEARCH_DEVICE.type == "cpu" else 1 << 30
 GATHER_CELLS = 1 << 22  # (query tokens x documents) scores candidate generation holds at once (16 MB)
 
@@ -181,21 +181,24 @@ class MultiVectorPart:
         """(vectors, query tokens) dot products of the stored vectors at these positions, on the query's
         device, what decode() then a product would give, for less: <q, c + R'r> = <q, c> + <Rq, r>, so the
         rotation R moves onto the few query tokens (not the many document vectors: 384 x 384 a vector) and
-        <q, c> is the centroid score `table` (query x centroid) already holds."""
-        if self.codec == "none":  # float16 rows, widened by torch (several times faster than numpy) and
-            out = torch.empty((len(positions), len(query)), device=query.device)  # multiplied while in cache,
-            for start in range(0, len(positions), BLOCK_VECTORS):  # query-major (faster for odd token counts)
-                rows = positions[start:start + BLOCK_VECTORS]
-                out[start:start + len(rows)] = (query @ on(self.payload[rows], query.device).float().T).T
-            return out
+        <q, c> is the centroid score `table` (query x centroid) already holds. On a CPU a block of rows at a
+        time, decoded or widened from float16 by torch and multiplied (query-major: faster for odd token
+        counts) while in cache."""
         rotated = query
         if self.rotation is not None:
             rotated = on(self.rotation.apply(np.ascontiguousarray(query.cpu().numpy())), query.device)
-        decoded = self.quantizer.decode(np.ascontiguousarray(self.payload[positions]))
-        similarities = on(decoded, query.device) @ rotated.T
-        if self.codec == "residual":
-            similarities += table.T.contiguous()[on(self.centroid_ids[positions].astype("int64"), query.device)]
-        return similarities
+        by_centroid = table.T.contiguous() if self.codec == "residual" else None
+        out = torch.empty((len(positions), len(query)), device=query.device)
+        for start in range(0, len(positions), BLOCK_VECTORS):
+            rows = positions[start:start + BLOCK_VECTORS]
+            if self.codec == "none":
+                block = on(self.payload[rows], query.device).float()
+            else:
+                block = on(self.quantizer.decode(np.ascontiguousarray(self.payload[rows])), query.device)
+            out[start:start + len(rows)] = (rotated @ block.T).T
+            if by_centroid is not None:
+                out[start:start + len(rows)] += by_centroid[on(self.centroid_ids[rows].astype("int64"), query.device)]
+        return out
 
     def code_bytes(self) -> int:
         """Bytes a stored vector costs: its payload row plus its centroid id."""
