@@ -127,9 +127,13 @@ def test_compressed_vectors_fit_the_byte_budget(adi_index):
     assert similarity["residual"] > similarity["pq"]
 
 
-def test_similarities_without_decoding_equal_decoding_then_the_product(adi_index):
+@pytest.mark.parametrize("block", [None, 100])
+def test_similarities_without_decoding_equal_decoding_then_the_product(adi_index, block, monkeypatch):
     """The search scores codes with the rotation moved onto the query and the centroid part from the
-    centroid table: the same numbers as decoding every vector back, then the dot products."""
+    centroid table, a block of rows at a time: the same numbers as decoding every vector back, then the
+    dot products (with blocks of 100 rows, many block boundaries are crossed)."""
+    if block:
+        monkeypatch.setattr("sieve.index.multivector.BLOCK_VECTORS", block)
     for compression in ("none", "pq", "residual"):
         retriever, part = adi_index(2, compression)
         query = retriever.encode_queries(["computer indexing of library catalogues"])[0]
@@ -359,3 +363,14 @@ def test_a_query_batched_with_longer_ones_keeps_only_its_own_tokens():
     alone = retriever.encode_queries([short])[0]
     assert batched[0].shape == alone.shape == retriever.token_vectors([short])[0].shape
     np.testing.assert_allclose(batched[0], alone, atol=1e-5)
+
+
+def test_summed_max_is_each_documents_maxsim():
+    """The scatter-max by owning document equals the per-document loop it replaces."""
+    from sieve.index.multivector import summed_max
+
+    rng = np.random.default_rng(3)
+    lengths = np.array([1, 5, 2, 9, 3])
+    similarities = rng.standard_normal((lengths.sum(), 4)).astype("float32")
+    expected = [block.max(0).sum() for block in np.split(similarities, np.cumsum(lengths)[:-1])]
+    np.testing.assert_allclose(summed_max(torch.from_numpy(similarities), lengths), expected, rtol=1e-6)
