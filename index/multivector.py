@@ -195,9 +195,10 @@ class MultiVectorPart:
                 block = on(self.payload[rows], query.device).float()
             else:
                 block = on(self.quantizer.decode(np.ascontiguousarray(self.payload[rows])), query.device)
-            out[start:start + len(rows)] = (rotated @ block.T).T
+            scores = (rotated @ block.T).T
             if by_centroid is not None:
-                out[start:start + len(rows)] += by_centroid[on(self.centroid_ids[rows].astype("int64"), query.device)]
+                scores += by_centroid[on(self.centroid_ids[rows].astype("int64"), query.device)]
+            out[start:start + len(rows)] = scores
         return out
 
     def code_bytes(self) -> int:

@@ -355,11 +355,11 @@ def test_a_query_batched_with_longer_ones_keeps_only_its_own_tokens():
     from sieve.index.encoders import load_encoder
 
     settings = CollectionSettings(indexes=("multivector",))
-    retriever = MultiVectorRetriever(settings)
+    retriever, encoder = MultiVectorRetriever(settings), load_encoder(settings.encoder, settings.max_tokens)
     short, long = "cell growth", "a much longer question about how proteins fold inside living cells over time"
-    load_encoder(settings.encoder, settings.max_tokens).recent_queries.clear()
+    encoder.recent_queries.clear()
     batched = retriever.encode_queries([short, long])
-    load_encoder(settings.encoder, settings.max_tokens).recent_queries.clear()
+    encoder.recent_queries.clear()
     alone = retriever.encode_queries([short])[0]
     assert batched[0].shape == alone.shape == retriever.token_vectors([short])[0].shape
     np.testing.assert_allclose(batched[0], alone, atol=1e-5)
